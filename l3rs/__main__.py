@@ -1,0 +1,3 @@
+from l3rs.cli import main
+
+raise SystemExit(main())

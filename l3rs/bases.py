@@ -1,0 +1,196 @@
+"""Base update directions, in the optax shape.
+
+Every base direction reads a small set of *shared* statistics, so bases that need the same first or second
+moment read ONE buffer (the default set keeps exactly AdamW's two buffers per parameter):
+
+    stats = init(params, needs)                      # Moments
+    stats = update(grads, stats, params, hyper)      # pure: returns new tensors, never mutates
+    d     = direction(name, grads, stats, params, hyper)
+
+All functions are pure and differentiable (second order included: square roots are clamped away from zero),
+so meta-training unrolls them with autograd and the optimizer class runs the very same code under no_grad.
+Directions point *uphill* like a gradient: the L3RS step subtracts them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+TensorList = list[Tensor]
+
+# Clamp before sqrt so d/dv sqrt(v) stays finite at v == 0 (second-order meta-gradients would be NaN).
+_SQRT_FLOOR = 1e-30
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters of the shared statistics (AdamW's defaults)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+class Moments(NamedTuple):
+    """Shared per-parameter statistics; a field is None when no chosen base needs it."""
+
+    step: int  # number of updates applied so far (bias corrections use step after the update)
+    m: TensorList | None  # EMA of g            (beta1)
+    v: TensorList | None  # EMA of g^2          (beta2)
+    s: TensorList | None  # EMA of (g - m)^2    (beta2, AdaBelief)
+    theta0: TensorList | None  # pretrained weights
+
+
+@dataclass(frozen=True)
+class Base:
+    """A named base direction and the statistics it reads."""
+
+    name: str
+    needs: frozenset[str]
+    fn: Callable[[TensorList, Moments, TensorList, Hyper], TensorList]
+    doc: str
+
+
+def _sqrt(xs: TensorList) -> TensorList:
+    return torch._foreach_sqrt(torch._foreach_clamp_min(xs, _SQRT_FLOOR))
+
+
+def _denominator(second: TensorList, step: int, hyper: Hyper) -> TensorList:
+    """sqrt(second / bias_correction2) + eps, computed exactly as torch.optim.Adam does."""
+    bc2_sqrt = math.sqrt(1 - hyper.beta2**step)
+    return torch._foreach_add(torch._foreach_div(_sqrt(second), bc2_sqrt), hyper.eps)
+
+
+def _sgd(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    return g
+
+
+def _momentum(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    return st.m
+
+
+def _nesterov(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    return torch._foreach_lerp(g, st.m, h.beta1)
+
+
+def _adam(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    m_hat = torch._foreach_div(st.m, 1 - h.beta1**st.step)
+    return torch._foreach_div(m_hat, _denominator(st.v, st.step, h))
+
+
+def _rmsprop(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    return torch._foreach_div(g, _denominator(st.v, st.step, h))
+
+
+def _sign(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    return torch._foreach_sign(st.m)
+
+
+def _adabelief(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    m_hat = torch._foreach_div(st.m, 1 - h.beta1**st.step)
+    return torch._foreach_div(m_hat, _denominator(st.s, st.step, h))
+
+
+def _to_init(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    # theta - theta0: subtracting it pulls the weights back toward the pretrained ones.
+    return torch._foreach_sub(p, st.theta0)
+
+
+def newton_schulz(x: Tensor, iters: int = 5) -> Tensor:
+    """Approximately orthogonalize a matrix (Muon's quintic iteration); differentiable."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    y = x / (x.norm() + 1e-7)
+    transposed = y.shape[0] > y.shape[1]
+    if transposed:
+        y = y.T
+    for _ in range(iters):
+        gram = y @ y.T
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.T if transposed else y
+
+
+def _ortho(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+    # Matrices (conv kernels flattened to 2-D) get orthogonalized momentum; vectors fall back to momentum.
+    return [newton_schulz(m.reshape(m.shape[0], -1)).reshape(m.shape) if m.dim() >= 2 else m for m in st.m]
+
+
+_REGISTRY: dict[str, Base] = {}
+
+
+def register(name: str, needs: Iterable[str], fn: Callable, doc: str) -> None:
+    """Add a base direction (needs: subset of {"m", "v", "s", "theta0"})."""
+    unknown = set(needs) - {"m", "v", "s", "theta0"}
+    if unknown:
+        raise ValueError(f"base {name!r} needs unknown statistics {sorted(unknown)}")
+    _REGISTRY[name] = Base(name, frozenset(needs), fn, doc)
+
+
+register("sgd", (), _sgd, "the gradient g")
+register("momentum", ("m",), _momentum, "heavy-ball EMA of g (beta1)")
+register("nesterov", ("m",), _nesterov, "Nesterov look-ahead beta1*m + (1-beta1)*g")
+register("adam", ("m", "v"), _adam, "bias-corrected m_hat / (sqrt(v_hat) + eps)")
+register("rmsprop", ("v",), _rmsprop, "g / (sqrt(v_hat) + eps)")
+register("sign", ("m",), _sign, "sign of the momentum buffer (Lion-like)")
+register("adabelief", ("m", "s"), _adabelief, "m_hat / (sqrt(s_hat) + eps), s = EMA of (g - m)^2")
+register("to_init", ("theta0",), _to_init, "theta - theta0: a pull toward the pretrained weights")
+register("ortho", ("m",), _ortho, "Newton-Schulz orthogonalized momentum for matrices (momentum otherwise)")
+
+DEFAULT: tuple[str, ...] = ("sgd", "momentum", "adam", "rmsprop", "sign")
+
+
+def available() -> list[str]:
+    """Names of the registered base directions."""
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Base:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown base direction {name!r}; available: {', '.join(available())}") from None
+
+
+def needs(names: Iterable[str]) -> frozenset[str]:
+    """Union of the statistics read by the given bases."""
+    return frozenset().union(*(get(n).needs for n in names))
+
+
+def init(params: TensorList, required: frozenset[str]) -> Moments:
+    """Zero moments (and a copy of the pretrained weights) for the statistics in `required`."""
+
+    def zeros() -> TensorList:
+        return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+
+    return Moments(
+        step=0,
+        m=zeros() if "m" in required else None,
+        v=zeros() if "v" in required else None,
+        s=zeros() if "s" in required else None,
+        theta0=[p.detach().clone() for p in params] if "theta0" in required else None,
+    )
+
+
+def update(grads: TensorList, stats: Moments, hyper: Hyper) -> Moments:
+    """Advance the shared moments by one gradient (pure)."""
+    m = v = s = None
+    if stats.m is not None:
+        m = torch._foreach_lerp(stats.m, grads, 1 - hyper.beta1)
+    if stats.v is not None:
+        # mul + addcmul (not lerp) so the rounding matches torch.optim.Adam exactly.
+        v = torch._foreach_addcmul(torch._foreach_mul(stats.v, hyper.beta2), grads, grads, value=1 - hyper.beta2)
+    if stats.s is not None:
+        diff = torch._foreach_sub(grads, m)
+        s = torch._foreach_add(torch._foreach_lerp(stats.s, torch._foreach_mul(diff, diff), 1 - hyper.beta2),
+                               hyper.eps)
+    return Moments(stats.step + 1, m, v, s, stats.theta0)
+
+
+def direction(name: str, grads: TensorList, stats: Moments, params: TensorList, hyper: Hyper) -> TensorList:
+    """Base `name`'s direction from the already-updated moments."""
+    return get(name).fn(grads, stats, params, hyper)

@@ -1,0 +1,173 @@
+"""The L3RS step as pure functions, shared by meta-training (differentiable unrolls) and `l3rs.L3RS`.
+
+For every tensor l (one named parameter):
+
+    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p},     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · exp(s_l)
+
+with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding.
+
+    state = init(config, params)
+    updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
+    params = apply_updates(params, updates)
+
+Nothing is mutated; the optimizer class applies `updates` in place and keeps the returned state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from l3rs import bases as base_lib
+from l3rs import features, mixer
+
+TensorList = list[Tensor]
+_MIXES = ("softmax", "linear")
+_SCOPES = ("tensor", "global")
+_FEATURES = ("all", "none")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines an L3RS optimizer besides its meta-parameters (saved in optimizer.json)."""
+
+    bases: tuple[str, ...] = base_lib.DEFAULT
+    normalize: bool = True  # RMS-normalize each base direction per tensor
+    mix: str = "softmax"  # "softmax": convex mix; "linear": signed weights starting uniform
+    features: str = "all"  # "all" | "none" (ablation: a learned constant per tensor)
+    scope: str = "tensor"  # "tensor" | "global" (ablation: one set of coefficients for all tensors)
+    distance_feature: bool | None = None  # log ||θ−θ0||/||θ0||; None -> on iff "to_init" is a base
+    hidden: int = 32
+    depth: int = 2
+    embed_dim: int = 8
+    max_log_scale: float = 8.0  # s is soft-clipped to ±this so λ stays finite
+    hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bases", tuple(self.bases))
+        if not self.bases:
+            raise ValueError("bases must name at least one base direction")
+        for name in self.bases:
+            base_lib.get(name)
+        if len(set(self.bases)) != len(self.bases):
+            raise ValueError(f"bases contains duplicates: {self.bases}")
+        for key, value, allowed in (("mix", self.mix, _MIXES), ("scope", self.scope, _SCOPES),
+                                    ("features", self.features, _FEATURES)):
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+        if isinstance(self.hyper, dict):
+            object.__setattr__(self, "hyper", base_lib.Hyper(**self.hyper))
+
+    @property
+    def use_distance(self) -> bool:
+        return "to_init" in self.bases if self.distance_feature is None else self.distance_feature
+
+    @property
+    def num_features(self) -> int:
+        return features.num_features(self.use_distance)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return base_lib.needs(self.bases) | ({"theta0"} if self.use_distance else frozenset())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bases"] = list(self.bases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def init_meta(self, num_tensors: int, seed: int = 0) -> mixer.Meta:
+        """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global")."""
+        rows = 1 if self.scope == "global" else num_tensors
+        return mixer.init(rows, self.num_features, len(self.bases), self.hidden, self.depth, self.embed_dim, seed)
+
+
+class State(NamedTuple):
+    moments: base_lib.Moments
+    features: features.FeatureState
+
+
+class Coefficients(NamedTuple):
+    lr: Tensor  # [T] step size λ per tensor
+    mix: Tensor  # [T, P] mixing weights μ per tensor
+    grad_rms: Tensor  # [T] (detached) — lets callers spot non-finite gradients without another pass
+
+
+def init(config: Config, params: TensorList) -> State:
+    return State(base_lib.init(params, config.needs), features.init())
+
+
+def _rms(xs: TensorList) -> Tensor:
+    norms = torch.stack(torch._foreach_norm(xs))
+    return norms / torch.tensor([math.sqrt(x.numel()) for x in xs], dtype=norms.dtype, device=norms.device)
+
+
+def _index(config: Config, num_tensors: int, device: torch.device) -> Tensor | None:
+    return torch.zeros(num_tensors, dtype=torch.long, device=device) if config.scope == "global" else None
+
+
+def feature_matrix(config: Config, fs: features.FeatureState, step: int, total_steps: int | None,
+                   num_tensors: int, device: torch.device) -> Tensor:
+    """The mixer's input rows for the current feature state (zeros under the no-features ablation)."""
+    x = features.featurize(fs, step, total_steps, num_tensors, config.use_distance, device=device)
+    if config.scope == "global":  # one set of coefficients: feed the tensor-averaged features
+        x = x.mean(0, keepdim=True).expand(num_tensors, -1)
+    return torch.zeros_like(x) if config.features == "none" else x
+
+
+def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float) -> tuple[Tensor, Tensor]:
+    """(λ [T], μ [T, P]) from the feature rows."""
+    s, logits = mixer.apply(meta, x, _index(config, x.shape[0], x.device))
+    s = config.max_log_scale * torch.tanh(s / config.max_log_scale)
+    mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
+    return lr * torch.exp(s), mix
+
+
+def update(
+    config: Config,
+    meta: mixer.Meta,
+    grads: TensorList,
+    state: State,
+    params: TensorList,
+    *,
+    lr: Tensor | float,
+    loss: Tensor | float | None = None,
+    total_steps: int | None = None,
+) -> tuple[TensorList, State, Coefficients]:
+    """One L3RS step: returns (updates to add to params, new state, coefficients used)."""
+    device = params[0].device
+    moments = base_lib.update(grads, state.moments, config.hyper)
+    grad_rms = _rms(grads).detach()
+    distance = None
+    if config.use_distance:
+        moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, moments.theta0)))
+        distance = moved / torch.stack(torch._foreach_norm(moments.theta0)).clamp_min(1e-12)
+    fs = features.observe(state.features, loss, grad_rms, _rms(params), distance)
+    x = feature_matrix(config, fs, state.moments.step, total_steps, len(params), device)
+    lam, mix = coefficients(config, meta, x, lr)
+
+    updates: TensorList | None = None
+    for p, name in enumerate(config.bases):
+        d = base_lib.direction(name, grads, moments, params, config.hyper)
+        scale = -lam * mix[:, p]
+        if config.normalize:
+            scale = scale / (_rms(d) + 1e-12)
+        scaled = torch._foreach_mul(d, list(scale.to(d[0].dtype).unbind()))
+        updates = scaled if updates is None else torch._foreach_add(updates, scaled)
+    return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)
+
+
+def apply_updates(params: TensorList, updates: TensorList) -> TensorList:
+    """params + updates (pure; use torch._foreach_add_ for in place)."""
+    return torch._foreach_add(params, updates)
