@@ -5,7 +5,7 @@ moment read ONE buffer (the default set keeps exactly AdamW's two buffers per pa
 
     stats = init(params, needs)                      # Moments
     stats = update(grads, stats, params, hyper)      # pure: returns new tensors, never mutates
-    d     = direction(name, grads, stats, params, hyper)
+    d     = direction(name, grads, stats, params, hyper)   # or scaled_direction(...) -> (tensors, scalar)
 
 All functions are pure and differentiable (second order included: square roots are clamped away from zero),
 so meta-training unrolls them with autograd and the optimizer class runs the very same code under no_grad.
@@ -53,53 +53,69 @@ class Base:
 
     name: str
     needs: frozenset[str]
-    fn: Callable[[TensorList, Moments, TensorList, Hyper], TensorList]
+    fn: Callable[[TensorList, Moments, TensorList, Hyper, dict], tuple[TensorList, float]]
     doc: str
 
 
-def _sqrt(xs: TensorList) -> TensorList:
-    return torch._foreach_sqrt(torch._foreach_clamp_min(xs, _SQRT_FLOOR))
 
 
-def _denominator(second: TensorList, step: int, hyper: Hyper) -> TensorList:
-    """sqrt(second / bias_correction2) + eps, computed exactly as torch.optim.Adam does."""
-    bc2_sqrt = math.sqrt(1 - hyper.beta2**step)
-    return torch._foreach_add(torch._foreach_div(_sqrt(second), bc2_sqrt), hyper.eps)
+def _inverse_root(second: TensorList, step: int, hyper: Hyper, cache: dict, key: str) -> tuple[TensorList, float]:
+    """Adam's 1 / (sqrt(second / bc2) + eps) as (1 / (sqrt(second) + eps * sqrt(bc2)), sqrt(bc2)).
+
+    Computed once per step (adam and rmsprop share it through `cache`); inverted so bases multiply (CPU
+    division is slow) and with the scalar kept apart so it costs no pass over the tensors."""
+    if key not in cache:
+        bc2_sqrt = math.sqrt(1 - hyper.beta2**step)
+        if torch.is_grad_enabled():  # differentiable: clamp so d sqrt(v)/dv stays finite at v == 0
+            root = torch._foreach_sqrt(torch._foreach_clamp_min(second, _SQRT_FLOOR))
+            inv = torch._foreach_reciprocal(torch._foreach_add(root, hyper.eps * bc2_sqrt))
+        else:  # the optimizer's path: the same arithmetic in one fresh buffer
+            inv = torch._foreach_sqrt(second)
+            torch._foreach_add_(inv, hyper.eps * bc2_sqrt)
+            torch._foreach_reciprocal_(inv)
+        cache[key] = (inv, bc2_sqrt)
+    return cache[key]
 
 
-def _sgd(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    return g
+# Each base returns (tensors, scalar): its direction is tensors * scalar. Keeping the scalar apart lets the
+# L3RS step fold it into the per-tensor coefficient instead of spending a pass over every element.
+Direction = tuple[TensorList, float]
 
 
-def _momentum(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    return st.m
+def _sgd(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    return g, 1.0
 
 
-def _nesterov(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    return torch._foreach_lerp(g, st.m, h.beta1)
+def _momentum(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    return st.m, 1.0
 
 
-def _adam(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    m_hat = torch._foreach_div(st.m, 1 - h.beta1**st.step)
-    return torch._foreach_div(m_hat, _denominator(st.v, st.step, h))
+def _nesterov(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    return torch._foreach_lerp(g, st.m, h.beta1), 1.0
 
 
-def _rmsprop(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    return torch._foreach_div(g, _denominator(st.v, st.step, h))
+def _adam(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    inv, bc2_sqrt = _inverse_root(st.v, st.step, h, cache, "v")
+    return torch._foreach_mul(st.m, inv), bc2_sqrt / (1 - h.beta1**st.step)
 
 
-def _sign(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    return torch._foreach_sign(st.m)
+def _rmsprop(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    inv, bc2_sqrt = _inverse_root(st.v, st.step, h, cache, "v")
+    return torch._foreach_mul(g, inv), bc2_sqrt
 
 
-def _adabelief(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
-    m_hat = torch._foreach_div(st.m, 1 - h.beta1**st.step)
-    return torch._foreach_div(m_hat, _denominator(st.s, st.step, h))
+def _sign(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    return torch._foreach_sign(st.m), 1.0
 
 
-def _to_init(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+def _adabelief(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+    inv, bc2_sqrt = _inverse_root(st.s, st.step, h, cache, "s")
+    return torch._foreach_mul(st.m, inv), bc2_sqrt / (1 - h.beta1**st.step)
+
+
+def _to_init(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
     # theta - theta0: subtracting it pulls the weights back toward the pretrained ones.
-    return torch._foreach_sub(p, st.theta0)
+    return torch._foreach_sub(p, st.theta0), 1.0
 
 
 def newton_schulz(x: Tensor, iters: int = 5) -> Tensor:
@@ -115,9 +131,9 @@ def newton_schulz(x: Tensor, iters: int = 5) -> Tensor:
     return y.T if transposed else y
 
 
-def _ortho(g: TensorList, st: Moments, p: TensorList, h: Hyper) -> TensorList:
+def _ortho(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
     # Matrices (conv kernels flattened to 2-D) get orthogonalized momentum; vectors fall back to momentum.
-    return [newton_schulz(m.reshape(m.shape[0], -1)).reshape(m.shape) if m.dim() >= 2 else m for m in st.m]
+    return [newton_schulz(m.reshape(m.shape[0], -1)).reshape(m.shape) if m.dim() >= 2 else m for m in st.m], 1.0
 
 
 _REGISTRY: dict[str, Base] = {}
@@ -176,21 +192,41 @@ def init(params: TensorList, required: frozenset[str]) -> Moments:
     )
 
 
-def update(grads: TensorList, stats: Moments, hyper: Hyper) -> Moments:
-    """Advance the shared moments by one gradient (pure)."""
+def update(grads: TensorList, stats: Moments, hyper: Hyper, inplace: bool = False) -> Moments:
+    """Advance the shared moments by one gradient: pure, or overwriting `stats`' buffers if `inplace`."""
     m = v = s = None
     if stats.m is not None:
-        m = torch._foreach_lerp(stats.m, grads, 1 - hyper.beta1)
+        if inplace:
+            torch._foreach_lerp_(stats.m, grads, 1 - hyper.beta1)
+            m = stats.m
+        else:
+            m = torch._foreach_lerp(stats.m, grads, 1 - hyper.beta1)
     if stats.v is not None:
         # mul + addcmul (not lerp) so the rounding matches torch.optim.Adam exactly.
-        v = torch._foreach_addcmul(torch._foreach_mul(stats.v, hyper.beta2), grads, grads, value=1 - hyper.beta2)
+        if inplace:
+            torch._foreach_mul_(stats.v, hyper.beta2)
+            torch._foreach_addcmul_(stats.v, grads, grads, value=1 - hyper.beta2)
+            v = stats.v
+        else:
+            v = torch._foreach_addcmul(torch._foreach_mul(stats.v, hyper.beta2), grads, grads, value=1 - hyper.beta2)
     if stats.s is not None:
         diff = torch._foreach_sub(grads, m)
         s = torch._foreach_add(torch._foreach_lerp(stats.s, torch._foreach_mul(diff, diff), 1 - hyper.beta2),
                                hyper.eps)
+        if inplace:
+            torch._foreach_copy_(stats.s, s)
+            s = stats.s
     return Moments(stats.step + 1, m, v, s, stats.theta0)
+
+
+def scaled_direction(name: str, grads: TensorList, stats: Moments, params: TensorList, hyper: Hyper,
+                     cache: dict) -> Direction:
+    """(tensors, scalar) with direction = tensors * scalar; one `cache` dict per step lets bases share
+    intermediate results (e.g. Adam's denominator)."""
+    return get(name).fn(grads, stats, params, hyper, cache)
 
 
 def direction(name: str, grads: TensorList, stats: Moments, params: TensorList, hyper: Hyper) -> TensorList:
     """Base `name`'s direction from the already-updated moments."""
-    return get(name).fn(grads, stats, params, hyper)
+    tensors, scale = scaled_direction(name, grads, stats, params, hyper, {})
+    return tensors if scale == 1.0 else torch._foreach_mul(tensors, scale)

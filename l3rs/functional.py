@@ -108,9 +108,8 @@ def init(config: Config, params: TensorList) -> State:
     return State(base_lib.init(params, config.needs), features.init())
 
 
-def _rms(xs: TensorList) -> Tensor:
-    norms = torch.stack(torch._foreach_norm(xs))
-    return norms / torch.tensor([math.sqrt(x.numel()) for x in xs], dtype=norms.dtype, device=norms.device)
+def _rms(xs: TensorList, sqrt_numel: Tensor) -> Tensor:
+    return torch.stack(torch._foreach_norm(xs)) / sqrt_numel
 
 
 def _index(config: Config, num_tensors: int, device: torch.device) -> Tensor | None:
@@ -144,27 +143,45 @@ def update(
     lr: Tensor | float,
     loss: Tensor | float | None = None,
     total_steps: int | None = None,
-) -> tuple[TensorList, State, Coefficients]:
-    """One L3RS step: returns (updates to add to params, new state, coefficients used)."""
+    inplace: bool = False,
+) -> tuple[TensorList | None, State, Coefficients | None]:
+    """One L3RS step: returns (updates to add to params, new state, coefficients used).
+
+    `inplace=True` is the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
+    overwritten, and a step with a non-finite gradient returns (None, state, None) before touching anything.
+    """
     device = params[0].device
-    moments = base_lib.update(grads, state.moments, config.hyper)
-    grad_rms = _rms(grads).detach()
+    sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=grads[0].dtype, device=device)
+    grad_rms_raw = _rms(grads, sqrt_numel)
+    grad_rms = grad_rms_raw.detach()
+    if inplace and not bool(torch.isfinite(grad_rms).all()):
+        return None, state, None
+    moments = base_lib.update(grads, state.moments, config.hyper, inplace=inplace)
     distance = None
     if config.use_distance:
         moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, moments.theta0)))
         distance = moved / torch.stack(torch._foreach_norm(moments.theta0)).clamp_min(1e-12)
-    fs = features.observe(state.features, loss, grad_rms, _rms(params), distance)
+    fs = features.observe(state.features, loss, grad_rms, _rms(params, sqrt_numel), distance)
     x = feature_matrix(config, fs, state.moments.step, total_steps, len(params), device)
     lam, mix = coefficients(config, meta, x, lr)
 
     updates: TensorList | None = None
+    cache: dict = {}
     for p, name in enumerate(config.bases):
-        d = base_lib.direction(name, grads, moments, params, config.hyper)
+        d, factor = base_lib.scaled_direction(name, grads, moments, params, config.hyper, cache)
         scale = -lam * mix[:, p]
-        if config.normalize:
-            scale = scale / (_rms(d) + 1e-12)
-        scaled = torch._foreach_mul(d, list(scale.to(d[0].dtype).unbind()))
-        updates = scaled if updates is None else torch._foreach_add(updates, scaled)
+        if config.normalize:  # rms(factor * d) = factor * rms(d): the factor cancels
+            scale = scale / ((grad_rms_raw if d is grads else _rms(d, sqrt_numel)) + 1e-12 / factor)
+        else:
+            scale = scale * factor
+        scale = list(scale.to(d[0].dtype).unbind())
+        # addcmul with per-tensor 0-dim scales: one pass per base, differentiable in every argument
+        if updates is None:
+            updates = torch._foreach_mul(d, scale)
+        elif torch.is_grad_enabled():
+            updates = torch._foreach_addcmul(updates, d, scale)
+        else:  # `updates` is our own fresh buffer: accumulate into it
+            torch._foreach_addcmul_(updates, d, scale)
     return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)
 
 

@@ -194,18 +194,13 @@ class L3RS(torch.optim.Optimizer):
             **self.meta, "embedding": self.meta["embedding"][subset]}
         state = functional.State(self._moments(params), self._feature_state(subset))
         loss_value = loss.detach() if isinstance(loss, Tensor) else loss
-        updates, new, coeffs = functional.update(
+        updates, new, _ = functional.update(
             self.config, meta, grads, state, params, lr=self._lr0()[rows], loss=loss_value,
-            total_steps=self.total_steps)
-        if not bool(torch.isfinite(coeffs.grad_rms).all() & torch.isfinite(coeffs.lr).all()):
+            total_steps=self.total_steps, inplace=True)
+        if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss
         torch._foreach_add_(params, updates)
-        for key in ("m", "v", "s"):
-            values = getattr(new.moments, key)
-            if values is not None:
-                for p, value in zip(params, values, strict=True):
-                    self.state[p][key] = value
         self._store_features(new.features, subset)
         self.state[_GLOBAL] = {**self.state[_GLOBAL], "step": new.moments.step}
         return loss
@@ -226,7 +221,7 @@ class L3RS(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state plus the meta-parameters and config; a snapshot (later steps don't alter it)."""
         sd = super().state_dict()
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        sd["state"] = {k: _clone(v) for k, v in sd["state"].items()}
         sd["l3rs_meta"] = {k: v.clone() for k, v in self.meta.items()}
         sd["l3rs_config"] = self.config.to_dict()
         return sd
@@ -263,6 +258,15 @@ class L3RS(torch.optim.Optimizer):
         return cls(params, lr=lr if lr is not None else info["lr"],
                    total_steps=total_steps if total_steps is not None else info.get("total_steps"),
                    unknown=unknown, config=saved["config"], meta=saved["meta"], _saved=info)
+
+
+def _clone(value: Any) -> Any:
+    """Deep copy of tensors in nested dicts (moment buffers are updated in place)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
 
 
 def _check_meta(meta: mixer.Meta, config: Config, num_tensors: int) -> None:

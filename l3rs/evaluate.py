@@ -1,0 +1,533 @@
+"""Is a meta-trained L3RS optimizer worth it? Compare it with LR-tuned baselines, honestly; write a report.
+
+    result = evaluate("runs/opt/best", "mlp-mnist1d-shift", "runs/eval", horizons=(1, 2, 5), seeds=3)
+
+Protocol (SPEC §6). Every baseline gets its LR tuned on the validation split, at the evaluated horizon, by a
+log grid (extended past an edge when the best LR sits on it), on a tuning head seed (999) that is neither a
+meta-training seed nor an evaluation seed (1000, 1001, ...). Methods:
+
+- baselines: SGD-momentum(0.9) and AdamW x {constant, cosine} x {one LR, head LR = lr x {3, 10, 30}};
+  `atmo`, a fixed mix of the SGD and Adam directions (mix and LR tuned), built from L3RS itself with a
+  constant mixer; `l3rs-untrained` (λ0 tuned by the same grid).
+- the meta-trained optimizer `l3rs` (no tuning: it is told the new horizon) and, with ``ablations=True``,
+  re-meta-trained ablations: `l3rs-global` (one set of coefficients for all tensors), `l3rs-adam-only`
+  (a learned layer-wise LR schedule for Adam), `l3rs-no-features` (a learned constant per tensor).
+
+Scenarios: the task at each horizon multiple of the meta-training horizon, plus each "unseen" variant (the
+task layer's rotated / inverted / label-permuted data, held-out pretraining seeds, or any other task spec)
+at 1x. Speed-up = steps the best tuned baseline needs to reach its own final validation loss (mean curve over
+seeds) / steps the method needs to reach it. Costs (steps, seconds) count the baselines' sweeps per scenario
+against L3RS's one-off meta-training. Everything lands in ``out_dir/evaluation.json`` + report.md/html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from l3rs import __version__
+from l3rs.finetune import MakeOptimizer, RunResult, finetune
+from l3rs.functional import Config
+from l3rs.mixer import depth
+from l3rs.optim import L3RS, load_meta
+
+TUNE_SEED = 999  # head seed of every tuning run
+EVAL_SEED = 1000  # evaluation seeds are EVAL_SEED, EVAL_SEED + 1, ... (disjoint from meta-training seeds)
+SGD_GRID = tuple(float(x) for x in np.logspace(-3, 0, 7))  # 1e-3 ... 1, half-decade steps
+ADAM_GRID = tuple(float(x) for x in np.logspace(-4.5, -1.5, 7))  # 3e-5 ... 3e-2 (also λ0 of L3RS mixes)
+MAX_EXTEND = 2  # grid points added past an edge when the best LR is on it
+HEAD_MULTIPLIERS = (3.0, 10.0, 30.0)
+ATMO_MIXES = (0.1, 0.25, 0.75, 0.9)  # Adam's share of the mix, tried at the best LR of the 0.5 sweep
+ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global")
+SHIFTS = ("heldout", "rotated", "inverted", "permuted")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method under evaluation: its optimizer kind and what gets tuned."""
+
+    name: str
+    kind: str  # "sgd" | "adamw" | "atmo" | "untrained" | "l3rs" (a saved optimizer at `path`)
+    cosine: bool = False
+    head: bool = False
+    path: str | None = None
+
+    @property
+    def tuned(self) -> bool:
+        return self.kind != "l3rs"
+
+    @property
+    def is_baseline(self) -> bool:
+        """Classical baselines: the pool the "best tuned baseline" of a scenario is drawn from."""
+        return self.kind in ("sgd", "adamw", "atmo")
+
+
+def _baselines() -> dict[str, Method]:
+    out = {}
+    for kind in ("sgd", "adamw"):
+        for cosine in (False, True):
+            for head in (False, True):
+                name = kind + ("-cosine" if cosine else "") + ("-head" if head else "")
+                out[name] = Method(name, kind, cosine, head)
+    out["atmo"] = Method("atmo", "atmo")
+    out["l3rs-untrained"] = Method("l3rs-untrained", "untrained")
+    return out
+
+
+BASELINES = _baselines()
+ABLATIONS: dict[str, Callable[[Config], Config]] = {
+    "l3rs-global": lambda c: dataclasses.replace(c, scope="global"),
+    "l3rs-adam-only": lambda c: dataclasses.replace(c, bases=("adam",)),
+    "l3rs-no-features": lambda c: dataclasses.replace(c, features="none"),
+}
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+def atmo_meta(adam_share: float) -> dict[str, torch.Tensor]:
+    """Meta-parameters of a constant mixer: λ = λ0 and μ = (1 − a, a) over (sgd, adam) for every tensor.
+
+    The mixer's last layer has zero weights, so its output is its bias: [log step scale, mix logits].
+    """
+    meta = ATMO_CONFIG.init_meta(1)
+    meta[f"layers.{depth(meta)}.bias"] = torch.tensor([0.0, math.log(1 - adam_share), math.log(adam_share)])
+    return meta
+
+
+def _cosine(total_steps: int) -> Callable[[int], float]:
+    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+
+
+def make_optimizer(method: Method, hp: dict[str, float], head: Sequence[str],
+                   config: Config) -> MakeOptimizer:
+    """The `finetune` factory for `method` with hyper-parameters `hp` (lr, and head multiplier or mix)."""
+
+    def make(named: Any, total_steps: int) -> Any:
+        named = [(n, p) for n, p in named if p.requires_grad]
+        if method.kind == "l3rs":
+            return L3RS.from_pretrained(method.path, named, total_steps=total_steps)
+        if method.kind == "untrained":
+            return L3RS(named, lr=hp["lr"], total_steps=total_steps, config=config)
+        if method.kind == "atmo":
+            return L3RS(named, lr=hp["lr"], total_steps=total_steps, config=ATMO_CONFIG,
+                        meta=atmo_meta(hp["mix"]))
+        mult = hp.get("head", 1.0)
+        groups = [{"params": [p for n, p in named if (n in head) == is_head], "lr": hp["lr"] * m}
+                  for is_head, m in ((False, 1.0), (True, mult))]
+        groups = [g for g in groups if g["params"]]
+        opt = (torch.optim.SGD(groups, lr=hp["lr"], momentum=0.9) if method.kind == "sgd"
+               else torch.optim.AdamW(groups, lr=hp["lr"]))
+        return (opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total_steps))) if method.cosine else opt
+
+    return make
+
+
+# -------------------------------------------------------------------------------------------- running
+class Runner:
+    """Runs one scenario's fine-tuning runs (caching identical ones) and advances a shared progress bar."""
+
+    def __init__(self, task: Any, steps: int, config: Config, bar: Any = None, device: Any = None) -> None:
+        self.task, self.steps, self.config, self.bar, self.device = task, steps, config, bar, device
+        self.eval_every = max(1, steps // 20)
+        self._cache: dict[tuple, RunResult] = {}
+
+    def run(self, method: Method, hp: dict[str, float], seed: int, curves: bool = False) -> RunResult:
+        key = (method.kind, method.cosine, method.path, hp.get("lr"), hp.get("head", 1.0), hp.get("mix"),
+               seed, curves)
+        if key not in self._cache:
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.task.name} {self.steps} steps {method.name} seed {seed}",
+                                         refresh=False)
+            make = make_optimizer(method, hp, self.task.head, self.config)
+            self._cache[key] = finetune(self.task, make, self.steps, seed, test=curves, device=self.device,
+                                        eval_every=self.eval_every if curves else None)
+            if self.bar is not None:
+                self.bar.total = max(self.bar.total, self.bar.n + self.steps)
+                self.bar.update(self.steps)
+        return self._cache[key]
+
+
+@dataclass
+class Tuned:
+    """A method's chosen hyper-parameters and every trial that chose them (tuning seed, final val loss)."""
+
+    hp: dict[str, float]
+    trials: list[dict[str, Any]]
+
+    @property
+    def steps(self) -> int:
+        return sum(t["steps"] for t in self.trials)
+
+    @property
+    def seconds(self) -> float:
+        return sum(t["seconds"] for t in self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hp": self.hp, "trials": self.trials, "steps": self.steps, "seconds": self.seconds}
+
+
+def _trial(runner: Runner, method: Method, hp: dict[str, float]) -> dict[str, Any]:
+    res = runner.run(method, hp, TUNE_SEED)
+    return {"hp": hp, "val_loss": res.final_val_loss, "steps": len(res.train_loss), "seconds": res.seconds}
+
+
+def _best(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(trials, key=lambda t: t["val_loss"])  # first of ties; diverged runs (inf) lose
+
+
+def sweep_lr(runner: Runner, method: Method, hp: dict[str, float],
+             grid: Sequence[float]) -> list[dict[str, Any]]:
+    """Final validation loss at every LR of the log grid, extended past an edge while the best sits on it."""
+    lrs = sorted(grid)
+    trials = {lr: _trial(runner, method, {**hp, "lr": lr}) for lr in lrs}
+    for _ in range(MAX_EXTEND):
+        best = _best([trials[lr] for lr in lrs])["hp"]["lr"]
+        if best not in (lrs[0], lrs[-1]) or len(lrs) < 2:
+            break
+        new = lrs[0] ** 2 / lrs[1] if best == lrs[0] else lrs[-1] ** 2 / lrs[-2]
+        trials[new] = _trial(runner, method, {**hp, "lr": new})
+        lrs = sorted(trials)
+    return [trials[lr] for lr in lrs]
+
+
+def tune(runner: Runner, method: Method) -> Tuned:
+    """Tune the LR by the grid, then (at the best LR) the head multiplier or the ATMO mix."""
+    if not method.tuned:
+        return Tuned({}, [])
+    base = {"mix": 0.5} if method.kind == "atmo" else {"head": 1.0} if method.head else {}
+    trials = sweep_lr(runner, method, base, SGD_GRID if method.kind == "sgd" else ADAM_GRID)
+    best = _best(trials)["hp"]
+    if method.head:  # multiplier 1 is the sweep's best run: a head LR never has to look worse than one LR
+        trials += [_trial(runner, method, {**best, "head": m}) for m in HEAD_MULTIPLIERS]
+    if method.kind == "atmo":
+        trials += [_trial(runner, method, {**best, "mix": a}) for a in ATMO_MIXES]
+    return Tuned(_best(trials)["hp"], trials)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class Speedup:
+    """How much sooner a candidate reaches the best baseline's final validation loss."""
+
+    baseline_steps: int  # steps the baseline needs to reach its own final validation loss
+    candidate_steps: int | None  # None: the candidate never reaches it within the run
+    horizon: int
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.candidate_steps is None else self.baseline_steps / self.candidate_steps
+
+    @property
+    def steps_text(self) -> str:
+        return f">{self.horizon}" if self.candidate_steps is None else str(self.candidate_steps)
+
+    def __str__(self) -> str:
+        if self.ratio is None:  # it would need more than the horizon: the ratio is below baseline / horizon
+            return f"<{self.baseline_steps / self.horizon:.2f}x"
+        return f"{self.ratio:.2f}x"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline_steps": self.baseline_steps, "candidate_steps": self.candidate_steps,
+                "ratio": self.ratio, "text": str(self), "steps_text": self.steps_text}
+
+
+def _first_at_or_below(curve: Sequence[float], target: float, steps: Sequence[int]) -> int | None:
+    return next((s for v, s in zip(curve, steps, strict=True) if v <= target), None)
+
+
+def speedup(baseline_curve: Sequence[float], candidate_curve: Sequence[float],
+            steps: Sequence[int]) -> Speedup:
+    """Speed-up of a candidate over a baseline; both validation-loss curves are sampled at `steps`."""
+    target = baseline_curve[-1]
+    return Speedup(_first_at_or_below(baseline_curve, target, steps) or steps[-1],
+                   _first_at_or_below(candidate_curve, target, steps), steps[-1])
+
+
+def eval_grid(steps: int, eval_every: int) -> list[int]:
+    """The steps at which a run's validation curve is sampled (as `finetune` does)."""
+    return list(range(eval_every, steps, eval_every)) + [steps]
+
+
+def aligned(run: dict[str, Any], key: str, grid: list[int], fill: float) -> list[float]:
+    """A run's curve on the full grid; a diverged run reads `fill` from where it stopped."""
+    at = dict(zip(run["eval_steps"], run[key], strict=True))
+    return [at.get(s, fill) for s in grid]
+
+
+def mean_curve(runs: list[dict[str, Any]], key: str, grid: list[int], fill: float) -> list[float]:
+    return np.mean([aligned(r, key, grid, fill) for r in runs], axis=0).tolist()
+
+
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite, ddof=1 if len(finite) > 1 else 0))}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds of the final numbers (diverged runs are counted, not averaged)."""
+    ok = [r for r in runs if not r["diverged"]]
+    return {"val_loss": _stats([r["val_loss"][-1] for r in ok]),
+            "val_metric": _stats([r["val_metric"][-1] for r in ok]),
+            "test_metric": _stats([r["test_metric"] for r in ok]),
+            "seconds": _stats([r["seconds"] for r in runs]),
+            "diverged": len(runs) - len(ok), "seeds": len(runs)}
+
+
+# ----------------------------------------------------------------------------------------- scenarios
+@dataclass
+class Scenario:
+    label: str
+    task: Any
+    multiple: float
+    variant: str | None = None
+
+
+def _spec_name(task_or_spec: Any) -> str | None:
+    return task_or_spec if isinstance(task_or_spec, str) else None
+
+
+def scenarios(task_or_spec: Any, horizons: Sequence[float], shifts: Sequence[str] | None) -> list[Scenario]:
+    """The task at every horizon multiple, then each unseen variant at 1x (`shifts=None`: all available)."""
+    from l3rs import tasks
+
+    task = tasks.get(task_or_spec)
+    out = [Scenario(f"{task.name} x{m:g}", task, m) for m in horizons]
+    spec, known = _spec_name(task_or_spec), set(tasks.names())
+    if shifts is None:
+        shifts = [s for s in SHIFTS if spec is not None and f"{spec}:{s}" in known]
+    for entry in shifts:
+        variant = f"{spec}:{entry}" if spec is not None and f"{spec}:{entry}" in known else entry
+        other = tasks.get(variant)
+        out.append(Scenario(f"{other.name} x1", other, 1.0, entry))
+    return out
+
+
+def base_horizon(info: dict[str, Any], task: Any) -> int:
+    """The meta-training horizon: the optimizer JSON's total_steps / horizon, else the task's."""
+    return int(info.get("total_steps") or info.get("horizon") or task.horizon)
+
+
+def _check_fits(optimizer_dir: Path, task: Any) -> None:
+    """Fail before any run if the optimizer was made for another model (CheckpointError names the tensors)."""
+    L3RS.from_pretrained(optimizer_dir, task.model_fn(EVAL_SEED).named_parameters())
+
+
+def run_scenario(sc: Scenario, steps: int, methods: list[Method], seeds: int, config: Config, bar: Any,
+                 device: Any) -> dict[str, Any]:
+    """Tune every method, run it on the evaluation seeds, and compare with the best tuned baseline."""
+    runner = Runner(sc.task, steps, config, bar, device)
+    out: dict[str, Any] = {}
+    for m in methods:
+        tuned = tune(runner, m)
+        runs = [{"seed": s, **runner.run(m, tuned.hp, s, curves=True).to_dict()}
+                for s in range(EVAL_SEED, EVAL_SEED + seeds)]
+        out[m.name] = {"kind": m.kind, "hp": tuned.hp, "tuning": tuned.to_dict(), "runs": runs,
+                       "summary": summarize(runs)}
+    grid = eval_grid(steps, runner.eval_every)
+    curves = {name: {"val_loss": mean_curve(r["runs"], "val_loss", grid, math.inf),
+                     "val_metric": mean_curve(r["runs"], "val_metric", grid, 0.0)} for name, r in out.items()}
+    pool = [m.name for m in methods if m.is_baseline] or [m.name for m in methods]
+    best = min(pool, key=lambda n: curves[n]["val_loss"][-1])
+    for name, r in out.items():
+        r["mean_curves"] = curves[name]
+        r["speedup"] = speedup(curves[best]["val_loss"], curves[name]["val_loss"], grid).to_dict()
+    return {"label": sc.label, "task": sc.task.name, "variant": sc.variant, "multiple": sc.multiple,
+            "steps": steps, "eval_steps": grid, "best_baseline": best, "methods": out}
+
+
+# ----------------------------------------------------------------------------------------- ablations
+def meta_train_ablations(config: Config, info: dict[str, Any], task_or_spec: Any, out_dir: Path,
+                         budget_minutes: float | None = None, progress: bool = True) -> dict[str, Path]:
+    """Meta-train each ablation on the main optimizer's task family with its settings and time budget."""
+    from l3rs import meta, tasks
+
+    saved = info.get("meta_config") or {}
+    fields = {f.name for f in dataclasses.fields(meta.MetaConfig)} - {"config"}
+    kwargs = {k: v for k, v in {**info, **saved}.items() if k in fields}
+    if budget_minutes is None and kwargs.get("budget_minutes") is None and info.get("meta_train_seconds"):
+        budget_minutes = info["meta_train_seconds"] / 60
+    if budget_minutes is not None:
+        kwargs["budget_minutes"] = budget_minutes
+    source = tasks.family(info["task"] if info.get("task") in tasks.names() else task_or_spec)
+    return {name: Path(meta.train(source, out_dir / "ablations" / name,
+                                  meta.MetaConfig(**{**kwargs, "config": ablate(config)}), progress=progress))
+            for name, ablate in ABLATIONS.items()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "l3rs": __version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def planned_runs(methods: list[Method], seeds: int) -> int:
+    """Runs per scenario, for the progress bar's ETA (grid extensions past an edge add a few)."""
+    sweeps = {(m.kind, m.cosine) for m in methods if m.tuned}
+    extra = sum(len(HEAD_MULTIPLIERS) * m.head + len(ATMO_MIXES) * (m.kind == "atmo") for m in methods)
+    return len(sweeps) * len(SGD_GRID) + extra + seeds * len(methods)
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    return list(names)
+
+
+def evaluate(
+    optimizer_dir: str | os.PathLike,
+    task_or_spec: Any,
+    out_dir: str | os.PathLike,
+    horizons: Sequence[float] = (1, 2, 5),
+    seeds: int = 3,
+    baselines: Sequence[str] = tuple(BASELINES),
+    ablations: bool = False,
+    shifts: Sequence[str] | None = None,
+    progress: bool = True,
+    budget_minutes: float | None = None,
+    device: Any = None,
+) -> dict[str, Any]:
+    """Evaluate a saved optimizer against tuned baselines; write evaluation.json, report.md and report.html.
+
+    `horizons` are multiples of the meta-training horizon; `shifts` name unseen-data variants of the task
+    (None: every variant the task layer offers; () for none); `budget_minutes` is each ablation's
+    meta-training budget (default: the main optimizer's). Returns the result dict saved as JSON.
+    """
+    optimizer_dir, out_dir = Path(optimizer_dir), Path(out_dir)
+    if seeds < 1 or not horizons or any(m <= 0 for m in horizons):
+        raise ValueError(f"need seeds >= 1 and positive horizon multiples, got {seeds=}, {horizons=}")
+    names = _check_names(baselines)
+    saved = load_meta(optimizer_dir)
+    info, config = saved["info"], saved["config"]
+    plan = scenarios(task_or_spec, horizons, shifts)
+    t0 = base_horizon(info, plan[0].task)
+    for sc in plan:
+        _check_fits(optimizer_dir, sc.task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = [Method("l3rs", "l3rs", path=str(optimizer_dir))]
+    if ablations:
+        paths = meta_train_ablations(config, info, task_or_spec, out_dir, budget_minutes, progress)
+        methods += [Method(name, "l3rs", path=str(p)) for name, p in paths.items()]
+    methods += [BASELINES[n] for n in names]
+    meta_seconds = {m.name: float(load_meta(m.path)["info"].get("meta_train_seconds") or 0.0)
+                    for m in methods if m.kind == "l3rs"}
+    steps = [max(1, round(sc.multiple * t0)) for sc in plan]
+    bar = tqdm(total=sum(steps) * planned_runs(methods, seeds), unit="step", desc="evaluate",
+               disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    with bar:
+        results = [run_scenario(sc, n, methods, seeds, config, bar, device)
+                   for sc, n in zip(plan, steps, strict=True)]
+        bar.total = bar.n
+    from l3rs import report  # here, not at the top: report imports this module's helpers
+
+    result = {
+        "settings": {"optimizer": str(optimizer_dir), "task": _spec_name(task_or_spec) or plan[0].task.name,
+                     "horizons": list(horizons), "base_horizon": t0, "seeds": seeds,
+                     "eval_seeds": list(range(EVAL_SEED, EVAL_SEED + seeds)), "tune_seed": TUNE_SEED,
+                     "baselines": names, "ablations": ablations,
+                     "shifts": [sc.variant for sc in plan if sc.variant],
+                     "grids": {"sgd": SGD_GRID, "adam": ADAM_GRID}, "head_multipliers": HEAD_MULTIPLIERS,
+                     "atmo_mixes": ATMO_MIXES, "device": str(device or "cpu")},
+        "machine": machine(),
+        "optimizer": {"info": {k: v for k, v in info.items() if k not in ("tensor_names", "tensor_shapes")},
+                      "meta_train_seconds": meta_seconds},
+        "scenarios": results,
+        "trace": report.trace(optimizer_dir, plan[0].task, t0, device=device),
+        "seconds": time.perf_counter() - start,
+    }
+    save_json(result, out_dir / "evaluation.json")
+    report.write(result, out_dir)
+    return result
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no inf/nan: non-finite floats become null (a diverged run also says diverged=true)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def save_json(obj: Any, path: Path) -> Path:
+    path.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _floats(text: str, what: str) -> list[float]:
+    from l3rs.cli import UsageError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise UsageError(f"--{what} must be positive numbers, got {text!r}")
+    return values
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    from l3rs.cli import UsageError
+
+    names = list(allowed) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise UsageError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)} (or 'all')")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--optimizer", required=True, help="directory of a saved L3RS optimizer")
+    parser.add_argument("--task", required=True, help="task name (see `l3rs tasks`) or pkg.module:function")
+    parser.add_argument("--out", required=True, help="output dir (evaluation.json, report.md/html, plots/)")
+    parser.add_argument("--horizons", default="1,2,5",
+                        help="multiples of the meta-training horizon (default 1,2,5)")
+    parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds per method (default 3)")
+    parser.add_argument("--baselines", default="all",
+                        help=f"comma-separated subset of: {', '.join(BASELINES)} (default all)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also meta-train + evaluate ablations (global, adam-only, no-features): costly")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="meta-training budget of each ablation (default: the main optimizer's)")
+    parser.add_argument("--shifts", default="auto",
+                        help="unseen-data variants evaluated at 1x: 'auto' (all the task offers), 'none', or "
+                             f"comma-separated names ({', '.join(SHIFTS)}) or task specs")
+    parser.add_argument("--device", default=None, help="torch device for the runs (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from l3rs.cli import UsageError
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    listed = [s.strip() for s in args.shifts.split(",") if s.strip()]
+    shifts = {"auto": None, "none": []}.get(args.shifts, listed)
+    result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
+                      seeds=args.seeds, baselines=_names(args.baselines, list(BASELINES), "baseline(s)"),
+                      ablations=args.ablations, shifts=shifts, progress=not args.no_progress,
+                      budget_minutes=args.budget_minutes, device=args.device)
+    out = Path(args.out)
+    print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'evaluation.json'} "
+          f"({len(result['scenarios'])} scenarios, {result['seconds']:.0f} s)", file=sys.stdout)
+    return 0

@@ -1,0 +1,15 @@
+"""Meta-training: specialize an L3RS optimizer to a task family (SPEC §5).
+
+    from l3rs.meta import MetaConfig, train
+    best_dir = train(l3rs.tasks.family("mnistcnn-digits"), "runs/digits", MetaConfig(estimator="pes"))
+    opt = l3rs.L3RS.from_pretrained(best_dir, model.named_parameters())
+
+Files: `config` (MetaConfig), `unroll` (one fine-tuning unroll, jobs), `estimators` (es, pes, bptt),
+`distributed` (worker processes, torchrun), `train` (the loop, λ0 sweep, checkpoints), `command` (CLI).
+"""
+
+from l3rs.meta.config import MetaConfig
+from l3rs.meta.train import lr0_sweep, train, tune_lr0, validate
+from l3rs.meta.unroll import Particle, unroll
+
+__all__ = ["MetaConfig", "Particle", "lr0_sweep", "train", "tune_lr0", "unroll", "validate"]

@@ -1,0 +1,93 @@
+"""`l3rs meta-train`: meta-train an L3RS optimizer on a task and write it to --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from l3rs.meta.config import ESTIMATORS, OBJECTIVES, MetaConfig
+
+DEFAULT_BUDGET_MINUTES = 5.0
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    d = MetaConfig()
+    parser.add_argument("--task", required=True,
+                        help="built-in task name (see `l3rs tasks`) or package.module:function")
+    parser.add_argument("--out", required=True,
+                        help="output directory (best/, latest/, metrics.jsonl, checkpoint)")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator,
+                        help="bptt: truncated backprop (default; most progress per CPU-minute), "
+                             "es: antithetic NES over full unrolls (the paper's), pes: persistent ES")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                        help="meta-objective (val_metric: ES/PES only)")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="fine-tuning steps per run (default: the task's)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help=f"wall-clock budget, λ0 sweep included (default {DEFAULT_BUDGET_MINUTES:g} "
+                             "unless "
+                             "--iterations is given)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="meta-iterations (default: until the budget)")
+    parser.add_argument("--population", type=int, default=d.population, help="antithetic pairs per iteration")
+    parser.add_argument("--sigma", type=float, default=d.sigma, help="ES perturbation scale")
+    parser.add_argument("--meta-lr", type=float, default=d.meta_lr,
+                        help="Adam step size on the meta-parameters")
+    parser.add_argument("--truncation", type=int, default=d.truncation,
+                        help="unroll length per iteration (pes, bptt)")
+    parser.add_argument("--tasks-per-iteration", type=int, default=d.tasks_per_iteration,
+                        help="tasks sampled from the family per iteration (their estimates are averaged)")
+    parser.add_argument("--second-order", action="store_true",
+                        help="bptt: differentiate through the model's gradients too (exact, ~2x slower)")
+    parser.add_argument("--lr0", type=float, default=None,
+                        help="λ0 (default: a sweep of the untrained optimizer)")
+    parser.add_argument("--bases", default=None,
+                        help="comma-separated base directions (see l3rs.bases.available())")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="local worker processes (results do not depend on it)")
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: where the task's model lives)")
+    parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def meta_config(args: argparse.Namespace) -> MetaConfig:
+    """MetaConfig from parsed arguments (bad values become one-line usage errors)."""
+    from l3rs.cli import UsageError
+    from l3rs.functional import Config
+
+    budget = args.budget_minutes
+    if budget is None and args.iterations is None:
+        budget = DEFAULT_BUDGET_MINUTES
+    try:
+        bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
+        config = Config(bases=bases) if bases else Config()
+        return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
+                          iterations=args.iterations or 1_000_000, budget_minutes=budget,
+                          population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
+                          truncation=args.truncation, first_order=not args.second_order,
+                          tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
+                          workers=args.workers, device=args.device, config=config)
+    except ValueError as e:
+        raise UsageError(f"meta-train: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from l3rs.cli import UsageError
+    from l3rs.meta.train import train
+    from l3rs.tasks import resolve
+
+    cfg = meta_config(args)
+    task = resolve(args.task)
+    try:
+        best = train(task, args.out, cfg, resume=args.resume, progress=not args.no_progress)
+    except FileExistsError as e:
+        raise UsageError(f"meta-train: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        info = json.loads((best / "optimizer.json").read_text())
+        print(f"best optimizer: {best} (validation {info['validation']:.4g} at iteration "
+              f"{info['best_iteration']}; "
+              f"untrained {info['untrained_validation']:.4g}; λ0 {info['lr']:.3g}; "
+              f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
+    return 0

@@ -1,0 +1,235 @@
+"""One fine-tuning unroll with the L3RS step, and the jobs that estimators send to workers.
+
+Every estimator runs the same `unroll`: the pretrained model (head from `seed`) is split into explicit
+params and buffers (`l3rs.tasks.functional_model`) and stepped K times by `l3rs.functional.update` on the
+batches `task.batch_indices(seed, horizon)`. ES and PES run it without a graph (autograd only for the
+model's gradient); truncated BPTT runs it with one, cut at the truncation boundaries by passing the
+returned `Particle` (detached) into the next unroll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from l3rs import features, functional, mixer
+from l3rs.bases import Moments
+from l3rs.functional import Config
+from l3rs.tasks import Task, TaskFamily, functional_model
+
+
+def seed_of(*parts: Any) -> int:
+    """A stable 61-bit seed from any parts (same on every process and machine, unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**61
+
+
+class Particle(NamedTuple):
+    """A fine-tuning run in flight: everything a truncated unroll needs to continue it."""
+
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    state: functional.State
+
+
+def _map(fn: Any, tree: Any) -> Any:
+    """Apply `fn` to every tensor of a (nested) particle or state."""
+    return torch.utils._pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) else t, tree)
+
+
+def _val_split(task: Task, val_subset: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A fixed (seed 0) subset of the validation split: same examples for every member and iteration."""
+    x, y = task.val
+    if val_subset is not None and val_subset < len(x):
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:val_subset]
+        x, y = x[idx], y[idx]
+    return x.to(device), y.to(device)
+
+
+@torch.enable_grad()  # the model's gradient needs autograd even when the caller runs under no_grad
+def unroll(
+    task: Task,
+    meta: mixer.Meta,
+    lr0: float,
+    steps: int,
+    seed: int,
+    *,
+    config: Config | None = None,
+    horizon: int | None = None,
+    objective: str = "val_loss",
+    particle: Particle | None = None,
+    graph: str | None = None,
+    val_subset: int | None = 512,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Particle]:
+    """Run `steps` L3RS steps of `task` from the pretrained weights (or from `particle`).
+
+    Returns (meta-objective, particle at the end). The objective is the mean training loss of these
+    steps, the validation loss at the end, or the validation error 1 − metric ("val_metric"); it is
+    +inf once the training loss is non-finite (the unroll stops there). `graph` is None (no meta-graph),
+    "first" (model gradients treated as constants) or "second" (exact); with a graph the objective is
+    differentiable w.r.t. `meta`. Batches are `task.batch_indices(seed, horizon)[start:start + steps]`
+    where start is the particle's step, so truncated unrolls replay exactly the full unroll's data.
+    """
+    config = config or Config()
+    model = task.model_fn(seed)
+    if device is not None:
+        model = model.to(device)
+    params, buffers, call = functional_model(model)
+    if particle is not None:
+        particle = _map(lambda t: t.to(next(iter(params.values())).device), particle)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in particle.params.items()}
+        buffers = {k: v.clone() for k, v in particle.buffers.items()}
+    names, plist = list(params), list(params.values())
+    dev = plist[0].device
+    state = particle.state if particle is not None else functional.init(config, plist)
+    start = state.moments.step
+    horizon = horizon or start + steps
+    x_train, y_train = task.train[0].to(dev), task.train[1].to(dev)
+    torch.manual_seed(seed_of(seed, start))  # dropout and other in-model randomness replay too
+    retain = graph == "second" or (graph is not None and objective == "train_loss")
+    losses = []
+    model.train()
+    for idx in task.batch_indices(seed, horizon)[start:start + steps].to(dev):
+        current = dict(zip(names, plist, strict=True))
+        loss = task.loss(call(current, buffers, x_train[idx]), y_train[idx])
+        if not math.isfinite(float(loss.detach())):
+            return torch.tensor(math.inf), _map(Tensor.detach, Particle(current, buffers, state))
+        grads = list(torch.autograd.grad(loss, plist, create_graph=graph == "second", retain_graph=retain))
+        with torch.set_grad_enabled(graph is not None):
+            updates, state, _ = functional.update(config, meta, grads, state, plist, lr=lr0,
+                                                  loss=loss.detach(), total_steps=horizon)
+            plist = functional.apply_updates(plist, updates)
+        if graph is None:
+            plist = [p.requires_grad_(True) for p in plist]
+        losses.append(loss)
+    current = dict(zip(names, plist, strict=True))
+    value = _objective(task, call, current, buffers, model, objective, losses, val_subset, graph)
+    return value, _map(Tensor.detach, Particle(current, buffers, state))
+
+
+def _objective(task: Task, call: Any, params: dict[str, Tensor], buffers: dict[str, Tensor],
+               model: torch.nn.Module, objective: str, losses: list[Tensor], val_subset: int | None,
+               graph: str | None) -> Tensor:
+    if objective == "train_loss":
+        return torch.stack(losses).mean() if losses else torch.tensor(math.nan)
+    x, y = _val_split(task, val_subset, next(iter(params.values())).device)
+    model.eval()  # BatchNorm reads its running statistics, dropout is off
+    with torch.set_grad_enabled(graph is not None):
+        out = call(params, buffers, x)
+    model.train()
+    value = task.loss(out, y) if objective == "val_loss" else 1.0 - task.metric(out.detach(), y)
+    return value if torch.isfinite(value) else torch.tensor(math.inf)
+
+
+# ------------------------------------------------------------------------------------ jobs & workers
+class Job(NamedTuple):
+    """One unroll to run somewhere: a pure function of its fields (so any worker gives the same result)."""
+
+    task_seed: int  # family.sample(task_seed)
+    run_seed: int  # head init, batches and in-model randomness
+    vector: Tensor  # flat meta-parameters (already perturbed)
+    lr0: float
+    steps: int
+    objective: str
+    particle: Particle | None = None  # continue this truncated unroll (None: start from pretrained)
+    grad: bool = False  # also return d objective / d vector (truncated BPTT)
+    keep: bool = False  # return the particle at the end
+
+
+class Result(NamedTuple):
+    objective: float
+    grad: Tensor | None
+    particle: Particle | None
+    steps: int
+
+
+@contextmanager
+def single_thread():
+    """Jobs always run on one intra-op thread: results are then bit-identical on any worker layout."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Worker:
+    """Runs jobs for one meta-training run; caches sampled tasks (sampling may subset data)."""
+
+    def __init__(self, family: TaskFamily, config: Config, horizon: int, first_order: bool,
+                 val_subset: int | None, device: str | None) -> None:
+        self.family, self.config, self.horizon = family, config, horizon
+        self.first_order, self.val_subset, self.device = first_order, val_subset, device
+        self._tasks: dict[int, Task] = {}
+        self._like: mixer.Meta | None = None
+
+    def task(self, seed: int) -> Task:
+        if seed not in self._tasks:
+            if len(self._tasks) >= 32:
+                self._tasks.clear()
+            self._tasks[seed] = self.family.sample(seed)
+        return self._tasks[seed]
+
+    def like(self, task: Task) -> mixer.Meta:
+        """Meta-parameter shapes for the family's model (same tensors for every member of a family)."""
+        if self._like is None:
+            count = sum(p.requires_grad for p in task.model_fn(0).parameters())
+            self._like = self.config.init_meta(count)
+        return self._like
+
+    def __call__(self, job: Job) -> Result:
+        task = self.task(job.task_seed)
+        vector = job.vector.detach().clone().requires_grad_(job.grad)
+        meta = mixer.unflatten(vector, self.like(task))
+        graph = ("first" if self.first_order else "second") if job.grad else None
+        with single_thread():
+            value, particle = unroll(task, meta, job.lr0, job.steps, job.run_seed, config=self.config,
+                                     horizon=self.horizon, objective=job.objective, particle=job.particle,
+                                     graph=graph, val_subset=self.val_subset, device=self.device)
+            grad = None
+            if job.grad and value.requires_grad:
+                grad = torch.autograd.grad(value, vector)[0].detach()
+        steps = (particle.state.moments.step - (job.particle.state.moments.step if job.particle else 0))
+        return Result(float(value.detach()), grad, particle if job.keep else None, steps)
+
+
+# ------------------------------------------------------------------------------- particle <-> tensors
+def pack(particle: Particle, prefix: str) -> dict[str, Tensor]:
+    """Flat {name: tensor} of a particle, for safetensors checkpoints (order kept in the keys)."""
+    out = {f"{prefix}param.{i}.{k}": v for i, (k, v) in enumerate(particle.params.items())}
+    out |= {f"{prefix}buffer.{i}.{k}": v for i, (k, v) in enumerate(particle.buffers.items())}
+    moments = particle.state.moments
+    out[f"{prefix}step"] = torch.tensor(moments.step)
+    for key in ("m", "v", "s", "theta0"):
+        out |= {f"{prefix}{key}.{i}.": v for i, v in enumerate(getattr(moments, key) or [])}
+    feats = particle.state.features._asdict().items()
+    out |= {f"{prefix}feature.0.{k}": v for k, v in feats if v is not None}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def unpack(tensors: dict[str, Tensor], prefix: str) -> Particle:
+    """Inverse of `pack`."""
+    groups: dict[str, list[tuple[int, str, Tensor]]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix) and key != f"{prefix}step":
+            kind, index, name = key[len(prefix):].split(".", 2)
+            groups.setdefault(kind, []).append((int(index), name, value))
+
+    def ordered(kind: str) -> list[tuple[str, Tensor]]:
+        return [(name, v) for _, name, v in sorted(groups.get(kind, []), key=lambda e: e[0])]
+
+    def tensors_of(kind: str) -> list[Tensor] | None:
+        return [v for _, v in ordered(kind)] if kind in groups else None
+
+    moments = Moments(int(tensors[f"{prefix}step"]), tensors_of("m"), tensors_of("v"), tensors_of("s"),
+                      tensors_of("theta0"))
+    feats = dict(ordered("feature"))
+    fs = features.FeatureState(*(feats.get(k) for k in features.FeatureState._fields))
+    return Particle(dict(ordered("param")), dict(ordered("buffer")), functional.State(moments, fs))

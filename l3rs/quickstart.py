@@ -1,0 +1,171 @@
+"""`l3rs quickstart`: the whole story on the default task, sized for ~10 minutes on 2 CPU cores.
+
+    prepare (load / pretrain the backbone, time a step) -> meta-train L3RS (default estimator)
+    -> evaluate against LR-tuned baselines on held-out seeds, an unseen shift and 1x/2x/5x horizons
+    -> print the summary and write report.md / report.html
+
+`--budget-minutes` scales every stage; Ctrl-C stops cleanly and `--resume` continues (meta-training resumes
+from its last checkpoint; a finished stage is not redone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_TASK = "mnistcnn-digits"
+DEFAULT_OUT = "runs/quickstart"
+DEFAULT_BUDGET_MINUTES = 10.0
+HORIZONS = (1, 2, 5)
+SHIFT = "rotated"
+# The baselines a quickstart can afford (the full protocol: `l3rs evaluate --baselines all`).
+BASELINES = ("adamw", "adamw-cosine-head", "sgd-cosine-head", "atmo", "l3rs-untrained")
+META_SHARE = 0.45  # of the budget left after preparing; the evaluation's runs get the rest
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--task", default=DEFAULT_TASK, help=f"task (default {DEFAULT_TASK})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--budget-minutes", type=float, default=DEFAULT_BUDGET_MINUTES,
+                        help=f"total wall-clock budget (default {DEFAULT_BUDGET_MINUTES:g})")
+    parser.add_argument("--estimator", choices=("es", "pes", "bptt"), default=None,
+                        help="meta-training estimator (default: l3rs.meta.MetaConfig's)")
+    parser.add_argument("--seeds", type=int, default=3, help="held-out evaluation seeds (default 3)")
+    parser.add_argument("--workers", type=int, default=1, help="meta-training worker processes")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted quickstart in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _stage(name: str, budget_s: float | None = None) -> None:
+    extra = f" (budget {budget_s / 60:.1f} min)" if budget_s else ""
+    print(f"\n== {name}{extra}", flush=True)
+
+
+def step_seconds(task: Any, steps: int = 12) -> float:
+    """Median wall time of one fine-tuning step (AdamW), to size the stages."""
+    from l3rs.finetune import finetune
+
+    runs = [finetune(task, lambda named, total: torch.optim.AdamW([p for _, p in named], lr=1e-4), steps, seed=s)
+            for s in (0, 1)]
+    return min(r.seconds for r in runs) / steps
+
+
+def evaluation_steps(base_horizon: int, seeds: int, baselines: tuple[str, ...]) -> int:
+    """Fine-tuning steps the evaluation will run (every scenario's sweeps and seeds)."""
+    from l3rs import evaluate as ev
+
+    methods = [ev.Method("l3rs", "l3rs")] + [ev.BASELINES[n] for n in baselines]
+    per_scenario = ev.planned_runs(methods, seeds)
+    return per_scenario * base_horizon * (sum(HORIZONS) + 1)
+
+
+def plan(task: Any, budget_s: float, seeds: int, step_s: float) -> dict[str, Any]:
+    """Split the budget: evaluation cost is fixed by the protocol, meta-training gets a share of the rest."""
+    eval_s = evaluation_steps(task.horizon, seeds, BASELINES) * step_s * 1.25  # + validation passes
+    meta_s = max(45.0, min(budget_s * META_SHARE, budget_s - eval_s))
+    return {"step_seconds": step_s, "eval_seconds_estimate": eval_s, "meta_seconds": meta_s,
+            "horizon": task.horizon, "seeds": seeds, "baselines": list(BASELINES),
+            "horizons": list(HORIZONS), "shift": SHIFT}
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures that matter, per scenario: L3RS vs the best tuned baseline."""
+    rows = []
+    for sc in result["scenarios"]:
+        best = sc["best_baseline"]
+        ours, theirs = sc["methods"]["l3rs"], sc["methods"][best]
+        rows.append({
+            "scenario": sc["label"], "steps": sc["steps"], "best_baseline": best,
+            "l3rs_val_loss": ours["summary"]["val_loss"]["mean"],
+            "l3rs_val_loss_std": ours["summary"]["val_loss"]["std"],
+            "baseline_val_loss": theirs["summary"]["val_loss"]["mean"],
+            "baseline_val_loss_std": theirs["summary"]["val_loss"]["std"],
+            "l3rs_test_acc": ours["summary"]["test_metric"]["mean"],
+            "baseline_test_acc": theirs["summary"]["test_metric"]["mean"],
+            "speedup": ours["speedup"]["ratio"], "speedup_text": ours["speedup"]["text"],
+            "lower_val_loss": (ours["summary"]["val_loss"]["mean"] or math.inf)
+            < (theirs["summary"]["val_loss"]["mean"] or math.inf),
+            "baselines_sweep_seconds": sum(m["tuning"]["seconds"] for m in sc["methods"].values()
+                                           if m["kind"] not in ("l3rs",)),
+            "l3rs_run_seconds": ours["summary"]["seconds"]["mean"],
+        })
+    return {"rows": rows, "meta_train_seconds": result["optimizer"]["info"].get("meta_train_seconds")}
+
+
+def print_table(head: dict[str, Any]) -> None:
+    print("\n| scenario | best tuned baseline | its val loss | L3RS val loss | speed-up | L3RS lower? |")
+    print("|---|---|---|---|---|---|")
+    for r in head["rows"]:
+        print(f"| {r['scenario']} | {r['best_baseline']} | {r['baseline_val_loss']:.4f} ± "
+              f"{r['baseline_val_loss_std']:.4f} | {r['l3rs_val_loss']:.4f} ± {r['l3rs_val_loss_std']:.4f} | "
+              f"{r['speedup_text']} | {'yes' if r['lower_val_loss'] else 'no'} |")
+    row = head["rows"][0]
+    meta = head["meta_train_seconds"] or 0.0
+    print(f"\ncost at the meta-training horizon: L3RS meta-training {meta:.0f} s + one run "
+          f"{row['l3rs_run_seconds']:.1f} s vs the baselines' LR sweeps {row['baselines_sweep_seconds']:.0f} s")
+
+
+def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
+               budget_minutes: float = DEFAULT_BUDGET_MINUTES, estimator: str | None = None, seeds: int = 3,
+               workers: int = 1, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every stage; returns the headline figures (also written to out/headline.json)."""
+    from l3rs import meta, tasks
+    from l3rs.evaluate import evaluate
+
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not resume:
+        shutil.rmtree(out)  # a quickstart without --resume starts over
+    out.mkdir(parents=True, exist_ok=True)
+    budget_s = 60 * budget_minutes
+
+    _stage(f"1/3 prepare: {task_spec} (pretrained backbone, data)")
+    family = tasks.family(task_spec)
+    task = family.base
+    plan_file = out / "plan.json"
+    if resume and plan_file.exists():
+        stages = json.loads(plan_file.read_text())
+    else:
+        stages = plan(task, budget_s - (time.perf_counter() - start), seeds, step_seconds(task))
+        plan_file.write_text(json.dumps(stages, indent=1))
+    print(f"one step ≈ {1000 * stages['step_seconds']:.0f} ms; horizon {task.horizon} steps; evaluation ≈ "
+          f"{stages['eval_seconds_estimate'] / 60:.1f} min", flush=True)
+
+    _stage("2/3 meta-train L3RS", stages["meta_seconds"])
+    meta_dir = out / "meta"
+    best = meta_dir / "best"
+    if not (out / "meta.done").exists():
+        defaults = meta.MetaConfig()
+        cfg = meta.MetaConfig(estimator=estimator or defaults.estimator, iterations=1_000_000,
+                              budget_minutes=stages["meta_seconds"] / 60, workers=workers)
+        best = meta.train(family, meta_dir, cfg, resume=resume and (meta_dir / "checkpoint.safetensors").exists(),
+                          progress=progress)
+        (out / "meta.done").write_text("")
+
+    _stage("3/3 evaluate on held-out seeds, 1x/2x/5x horizons and an unseen shift")
+    result = evaluate(best, task_spec, out / "eval", horizons=HORIZONS, seeds=seeds, baselines=BASELINES,
+                      shifts=[SHIFT], progress=progress)
+    head = headline(result)
+    head["wall_seconds"] = time.perf_counter() - start
+    head["task"] = task_spec
+    (out / "headline.json").write_text(json.dumps(head, indent=1))
+    print_table(head)
+    print(f"\nreport: {out / 'eval' / 'report.md'} (and report.html); total {head['wall_seconds'] / 60:.1f} min")
+    return head
+
+
+def run(args: argparse.Namespace) -> int:
+    from l3rs.cli import UsageError
+
+    if args.budget_minutes <= 0 or args.seeds < 1:
+        raise UsageError("quickstart: --budget-minutes must be > 0 and --seeds >= 1")
+    quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, args.workers, args.resume,
+               not args.no_progress)
+    return 0

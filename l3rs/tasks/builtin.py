@@ -1,0 +1,255 @@
+"""The built-in fine-tuning tasks, all offline (data and weights ship in packages or are pretrained here).
+
+Task families (`l3rs.tasks.family(name)`); `get(name)` is the family's base task:
+
+- ``mnistcnn-digits``: the digit-recognizer MNIST CNN (99.7% on MNIST) fine-tuned on sklearn's 8x8 digits
+  drawn MNIST-style at 28x28 (~82% zero-shot with the original head); the 10-way head
+  (``fc_layers.2``) is re-initialized. Train 997 / val 400 / test 400.
+- ``cnn04-mnist59``: a small BatchNorm CNN that l3rs pretrains on MNIST-5k digits 0-4 (seeds 0-3),
+  fine-tuned with a new 5-way head on digits 5-9. The family draws pretraining seeds 0, 1, 2; seed 3 is
+  held out (``family.held_out_seeds``) and is the backbone of ``cnn04-mnist59:heldout``.
+  Train 1000 / val 500 / test 1000.
+- ``mlp-mnist1d-shift``: an MLP pretrained on MNIST-1D (default generator args) fine-tuned on a shifted
+  MNIST-1D (another generator seed, 2.5x the i.i.d. noise, larger translations); head re-initialized.
+  Pretraining seeds 0, 1, 2 in the family, 3 held out (``mlp-mnist1d-shift:heldout``).
+  Train 1000 / val 1000 / test 2000.
+- ``effnet-mnist``: EfficientNet-Lite0 (ImageNet) fine-tuned on MNIST-5k at 32x32 RGB in [-1, 1], new
+  10-way head ``_fc``. Slow (~0.15 s/step at batch 32): small default batch and horizon. Train 3000 /
+  val 500 / test 1000.
+
+Dataset shifts, usable as "unseen datasets" (same backbone, same splits, transformed data), for every
+family above: ``<name>:rotated`` (images rotated 90 degrees; 1-D signals time-reversed),
+``<name>:inverted`` (images 1 - x before normalization; 1-D signals negated) and ``<name>:permuted``
+(labels relabelled by a fixed permutation without fixed points).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from . import data
+from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
+from .core import Task, TaskFamily, init_head, mix_seed, random_subset
+from .pretraining import pretrained_model
+
+Pair = tuple[Tensor, Tensor]
+Splits = tuple[Pair, Pair, Pair]
+SHIFTS = ("rotated", "inverted", "permuted")
+SHIFT_TEXT = {
+    "rotated": "inputs rotated 90 degrees (1-D signals: time-reversed)",
+    "inverted": "inputs inverted (1-D signals: negated)",
+    "permuted": "labels permuted",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a built-in family; `raw` returns unnormalized (inputs, targets)."""
+
+    name: str
+    raw: Callable[[], Pair]
+    sizes: tuple[int, int, int]
+    split_seed: int
+    prepare: Callable[[Tensor], Tensor]  # raw inputs -> model inputs
+    invert: Callable[[Tensor], Tensor]  # the "inverted" shift, applied to raw inputs
+    backbone: Callable[[int], nn.Module]  # pretraining seed -> pretrained model
+    head: tuple[str, ...]
+    num_classes: int
+    batch_size: int
+    horizon: int
+    pretrain_seeds: tuple[int, ...] = (0,)
+    held_out_seeds: tuple[int, ...] = ()
+    subset: float = 0.75
+    description: str = ""
+
+
+def _digits() -> Pair:
+    return data.digits28()
+
+
+def _mnist59() -> Pair:
+    return data.select_classes(data.mnist5k(), (5, 6, 7, 8, 9))
+
+
+def _mnist1d_shift() -> Pair:
+    return data.mnist1d(**data.MNIST1D_SHIFT)
+
+
+def _effnet_prepare(x: Tensor) -> Tensor:
+    return data.to_rgb32(x)
+
+
+RECIPES = {
+    r.name: r
+    for r in [
+        Recipe(
+            name="mnistcnn-digits",
+            raw=_digits,
+            sizes=(997, 400, 400),
+            split_seed=0,
+            prepare=data.normalize_mnist,
+            invert=data.invert,
+            backbone=lambda s: mnist_cnn(),
+            head=MNIST_CNN_HEAD,
+            num_classes=10,
+            batch_size=32,
+            horizon=150,
+            description="digit-recognizer MNIST CNN -> sklearn digits at 28x28, 10-way head re-initialized",
+        ),
+        Recipe(
+            name="cnn04-mnist59",
+            raw=_mnist59,
+            sizes=(1000, 500, 1000),
+            split_seed=1,
+            prepare=data.normalize_mnist,
+            invert=data.invert,
+            backbone=lambda s: pretrained_model("cnn04", s),
+            head=("fc.weight", "fc.bias"),
+            num_classes=5,
+            batch_size=64,
+            horizon=200,
+            pretrain_seeds=(0, 1, 2),
+            held_out_seeds=(3,),
+            description="BN CNN pretrained on MNIST digits 0-4 (seeds 0-2; 3 held out) -> digits 5-9",
+        ),
+        Recipe(
+            name="mlp-mnist1d-shift",
+            raw=_mnist1d_shift,
+            sizes=(1000, 1000, 2000),
+            split_seed=2,
+            prepare=lambda x: x,
+            invert=lambda x: data.invert(x, -1.0, 1.0),
+            backbone=lambda s: pretrained_model("mlp1d", s),
+            head=("fc.weight", "fc.bias"),
+            num_classes=10,
+            batch_size=64,
+            horizon=200,
+            pretrain_seeds=(0, 1, 2),
+            held_out_seeds=(3,),
+            description="MLP pretrained on MNIST-1D (seeds 0-2; 3 held out) -> shifted MNIST-1D",
+        ),
+        Recipe(
+            name="effnet-mnist",
+            raw=data.mnist5k,
+            sizes=(3000, 500, 1000),
+            split_seed=3,
+            prepare=_effnet_prepare,
+            invert=data.invert,
+            backbone=lambda s: efficientnet_lite0(num_classes=10),
+            head=EFFNET_HEAD,
+            num_classes=10,
+            batch_size=32,
+            horizon=50,
+            description="EfficientNet-Lite0 (ImageNet) -> MNIST-5k at 32x32 RGB, new head (slow)",
+        ),
+    ]
+}
+
+
+@functools.cache
+def splits(name: str, shift: str | None = None) -> Splits:
+    """Fixed (train, val, test) splits of a recipe's data under an optional shift (cached per process)."""
+    recipe = RECIPES[name]
+    x, y = recipe.raw()
+    if shift == "inverted":
+        x = recipe.invert(x)
+    x = recipe.prepare(x)
+    if shift == "rotated":
+        x = data.rotate(x).contiguous()
+    if shift == "permuted":
+        y = data.permute_labels(y, recipe.num_classes, seed=0)
+    return data.split((x, y), recipe.sizes, seed=recipe.split_seed)  # type: ignore[return-value]
+
+
+def build_model(name: str, pretrain_seed: int, offset: int | None, seed: int) -> nn.Module:
+    """A recipe's pretrained backbone with its head initialized from `seed` (mixed with `offset`).
+
+    Module-level and used through functools.partial, so built-in tasks pickle (worker processes).
+    """
+    recipe = RECIPES[name]
+    head_seed = seed if offset is None else mix_seed(offset, seed)
+    return init_head(recipe.backbone(pretrain_seed), recipe.head, head_seed)
+
+
+def _task(
+    recipe: Recipe,
+    name: str,
+    shift: str | None,
+    pretrain_seed: int,
+    train: Pair | None = None,
+    offset: int | None = None,
+) -> Task:
+    tr, val, test = splits(recipe.name, shift)
+    meta = {
+        "pretrain_seed": pretrain_seed,
+        "shift": shift,
+        "family": recipe.name,
+        "num_classes": recipe.num_classes,
+        "description": recipe.description,
+    }
+    if offset is not None:
+        meta["family_seed"] = offset
+    return Task(
+        name,
+        functools.partial(build_model, recipe.name, pretrain_seed, offset),
+        train if train is not None else tr,
+        val,
+        test,
+        batch_size=recipe.batch_size,
+        horizon=recipe.horizon,
+        head=recipe.head,
+        meta=meta,
+    )
+
+
+def family_name(recipe: Recipe, shift: str | None, held_out: bool) -> str:
+    """Registered name of a recipe's family under a shift / held-out selection."""
+    return recipe.name + (f":{shift}" if shift else "") + (":heldout" if held_out else "")
+
+
+def sample_task(name: str, shift: str | None, held_out: bool, seed: int) -> Task:
+    """Task `seed` of a built-in family: a pretraining seed, a train subset and head seeds, all seeded."""
+    recipe = RECIPES[name]
+    pool = recipe.held_out_seeds if held_out else recipe.pretrain_seeds
+    pretrain_seed = pool[mix_seed(seed, 7) % len(pool)]
+    train = random_subset(splits(name, shift)[0], mix_seed(seed, 11), recipe.subset)
+    fname = family_name(recipe, shift, held_out)
+    return _task(recipe, f"{fname}#{seed}", shift, pretrain_seed, train=train, offset=seed)
+
+
+def make_family(recipe: Recipe, shift: str | None = None, held_out: bool = False) -> TaskFamily:
+    """The family of a recipe: head seeds x random train subsets x pretraining seeds.
+
+    `held_out=True` gives the family over the held-out pretraining seeds only (generalization tests).
+    """
+    pool = recipe.held_out_seeds if held_out else recipe.pretrain_seeds
+    name = family_name(recipe, shift, held_out)
+    return TaskFamily(
+        name,
+        _task(recipe, name, shift, pool[0]),
+        functools.partial(sample_task, recipe.name, shift, held_out),
+        held_out_seeds=() if held_out else recipe.held_out_seeds,
+        description=recipe.description,
+    )
+
+
+def builtin_factories() -> dict[str, tuple[Callable[[], TaskFamily], str]]:
+    """name -> (family factory, one-line description) for every built-in family and variant."""
+    out: dict[str, tuple[Callable[[], TaskFamily], str]] = {}
+    for recipe in RECIPES.values():
+        out[recipe.name] = (functools.partial(make_family, recipe), recipe.description)
+        if recipe.held_out_seeds:
+            out[f"{recipe.name}:heldout"] = (
+                functools.partial(make_family, recipe, held_out=True),
+                f"{recipe.description}; held-out pretraining seeds only",
+            )
+        for shift in SHIFTS:
+            out[f"{recipe.name}:{shift}"] = (
+                functools.partial(make_family, recipe, shift),
+                f"{recipe.description}; shift: {SHIFT_TEXT[shift]}",
+            )
+    return out

@@ -1,0 +1,242 @@
+"""Evaluation: baseline tuning, speed-up, the ATMO mix, and `l3rs evaluate` end to end on a tiny task."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import l3rs
+from l3rs import evaluate as ev
+from l3rs.cli import main
+from l3rs.tasks import Task
+
+TINY_TASK = textwrap.dedent('''
+    import torch
+    from l3rs.tasks import Task
+
+    def _data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(n, 6, generator=g)
+        return x, (x @ w + 0.5 * torch.randn(n, 3, generator=g)).argmax(-1)
+
+    def _model(seed):
+        torch.manual_seed(0)  # the "pretrained" backbone
+        m = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+        with torch.no_grad():
+            m[2].weight.copy_(0.1 * torch.randn(3, 12, generator=torch.Generator().manual_seed(seed)))
+        return m
+
+    def task():
+        return Task("tiny", _model, _data(64, 1), _data(48, 2), _data(48, 3), batch_size=16, horizon=6,
+                    head=("2.weight", "2.bias"))
+''')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A user task given as 'module:function' (the module lives in a temporary directory on sys.path)."""
+    root = tmp_path_factory.mktemp("usertask")
+    (root / "l3rs_eval_tiny.py").write_text(TINY_TASK)
+    sys.path.insert(0, str(root))
+    yield "l3rs_eval_tiny:task"
+    sys.path.remove(str(root))
+    sys.modules.pop("l3rs_eval_tiny", None)
+
+
+@pytest.fixture(scope="module")
+def opt_dir(tiny: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    task = l3rs.tasks.get(tiny)
+    path = tmp_path_factory.mktemp("opt") / "opt"
+    opt = l3rs.L3RS(task.model_fn(0).named_parameters(), lr=3e-3, total_steps=task.horizon)
+    opt.save_pretrained(path, task=tiny, meta_train_seconds=12.5)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ tuning on a quadratic
+class Point(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+        self.head = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.expand(len(x), -1) + 0 * self.head
+
+
+def quadratic(curvature: float) -> Task:
+    """f(w) = ½·h·‖w − 1‖² from w = 0: one SGD(-momentum) step of size lr lands on the optimum iff lr = 1/h
+    (torch's momentum buffer starts at the first gradient, so step one is plain SGD)."""
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * curvature * ((out - y) ** 2).sum(-1).mean()
+
+    data = (torch.zeros(2, 1), torch.ones(2, 4))
+    return Task("quadratic", lambda seed: Point(), data, data, loss_fn=loss,
+                metric_fn=lambda o, y: -loss(o, y), batch_size=2, horizon=1, head=("head",))
+
+
+def test_sgd_tuning_picks_the_analytic_best_lr() -> None:
+    runner = ev.Runner(quadratic(10.0), steps=1, config=l3rs.Config())
+    tuned = ev.tune(runner, ev.BASELINES["sgd"])
+    assert tuned.hp["lr"] == pytest.approx(0.1)  # 1/h, an interior point of the grid
+    assert len(tuned.trials) == len(ev.SGD_GRID) >= 7
+    assert min(t["val_loss"] for t in tuned.trials) == pytest.approx(0.0, abs=1e-10)
+    assert tuned.steps == len(ev.SGD_GRID) and tuned.seconds > 0
+
+
+def test_tuning_extends_the_grid_past_an_edge() -> None:
+    runner = ev.Runner(quadratic(0.1), steps=1, config=l3rs.Config())  # best lr = 10, above the grid
+    tuned = ev.tune(runner, ev.BASELINES["sgd-cosine"])
+    assert tuned.hp["lr"] == pytest.approx(10.0)
+    assert len(tuned.trials) == len(ev.SGD_GRID) + 2
+
+
+def test_head_variant_tunes_the_multiplier_at_the_best_lr() -> None:
+    runner = ev.Runner(quadratic(10.0), steps=1, config=l3rs.Config())
+    tuned = ev.tune(runner, ev.BASELINES["sgd-head"])
+    heads = [t["hp"]["head"] for t in tuned.trials[len(ev.SGD_GRID):]]
+    assert heads == list(ev.HEAD_MULTIPLIERS)
+    assert all(t["hp"]["lr"] == pytest.approx(0.1) for t in tuned.trials[len(ev.SGD_GRID):])
+
+
+# ----------------------------------------------------------------------------------------- optimizers
+def test_head_lr_groups_and_cosine_schedule() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    make = ev.make_optimizer(ev.BASELINES["adamw-cosine-head"], {"lr": 0.01, "head": 10.0},
+                             ("1.weight", "1.bias"), l3rs.Config())
+    opt, sched = make(model.named_parameters(), 10)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.1])
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)  # half-way down the cosine
+
+
+def test_atmo_is_a_constant_mix_of_sgd_and_adam() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = ev.make_optimizer(ev.BASELINES["atmo"], {"lr": 0.02, "mix": 0.75}, (), l3rs.Config())(
+        model.named_parameters(), 10)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step(loss=torch.tensor(1.0))
+    for c in opt.coefficients().values():
+        assert c["lr"] == pytest.approx(0.02)
+        assert c["mix"] == pytest.approx({"sgd": 0.25, "adam": 0.75})
+
+
+# ------------------------------------------------------------------------------------------- speed-up
+STEPS = [10, 20, 30, 40]
+
+
+def test_speedup_when_the_candidate_is_faster() -> None:
+    sp = ev.speedup([1.0, 0.6, 0.5, 0.5], [0.8, 0.5, 0.4, 0.3], STEPS)  # baseline reaches 0.5 at 30
+    assert (sp.baseline_steps, sp.candidate_steps) == (30, 20)
+    assert sp.ratio == pytest.approx(1.5) and str(sp) == "1.50x" and sp.steps_text == "20"
+
+
+def test_speedup_counts_first_arrivals() -> None:
+    sp = ev.speedup([0.9, 0.7, 0.6, 0.4], [1.0, 0.9, 0.8, 0.4], STEPS)
+    assert sp.ratio == pytest.approx(1.0)
+    sp = ev.speedup([0.5, 0.45, 0.42, 0.4], [1.0, 0.9, 0.5, 0.39], STEPS)
+    assert sp.ratio == pytest.approx(1.0)
+    sp = ev.speedup([0.4, 0.45, 0.42, 0.4], [1.0, 0.9, 0.4, 0.39], STEPS)  # baseline first got there at 10
+    assert sp.ratio == pytest.approx(10 / 30)
+
+
+def test_speedup_never_reached() -> None:
+    for candidate in ([0.9, 0.8, 0.7, 0.6], [float("inf")] * 4, [float("nan")] * 4):
+        sp = ev.speedup([1.0, 0.6, 0.5, 0.5], candidate, STEPS)
+        assert sp.candidate_steps is None and sp.ratio is None
+        assert sp.steps_text == ">40" and str(sp) == "<0.75x"
+
+
+def test_mean_curve_of_a_diverged_run_is_infinite_after_it_stopped() -> None:
+    ok = {"eval_steps": [2, 4, 6], "val_loss": [1.0, 0.5, 0.25], "diverged": False}
+    bad = {"eval_steps": [2, 3], "val_loss": [0.8, float("inf")], "diverged": True}
+    assert ev.mean_curve([ok, bad], "val_loss", [2, 4, 6], float("inf")) == [0.9, float("inf"), float("inf")]
+
+
+def test_ablations_are_meta_trained_with_their_configs(tiny: str, opt_dir: str, tmp_path) -> None:
+    info = {**l3rs.optim.load_meta(opt_dir)["info"], "meta_config": {
+        "iterations": 1, "population": 1, "lr0": 1e-2, "validate_every": 1, "validation_seeds": 1}}
+    paths = ev.meta_train_ablations(l3rs.Config(), info, tiny, tmp_path, budget_minutes=None, progress=False)
+    configs = {name: l3rs.optim.load_meta(p)["config"] for name, p in paths.items()}
+    assert configs["l3rs-global"].scope == "global" and configs["l3rs-global"].bases == l3rs.Config().bases
+    assert configs["l3rs-adam-only"].bases == ("adam",) and configs["l3rs-adam-only"].scope == "tensor"
+    assert configs["l3rs-no-features"].features == "none"
+    for p in paths.values():
+        assert l3rs.optim.load_meta(p)["info"]["meta_train_seconds"] > 0
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def test_cli_evaluate_end_to_end(tiny: str, opt_dir: str, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(out), "--horizons", "1,2",
+               "--seeds", "2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "evaluation.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    methods = ["l3rs", *ev.BASELINES]
+    assert {"platform", "cpu_count", "torch"} <= set(result["machine"])
+    assert [sc["steps"] for sc in result["scenarios"]] == [6, 12]
+    for sc in result["scenarios"]:
+        assert list(sc["methods"]) == methods
+        for m in sc["methods"].values():
+            assert [r["seed"] for r in m["runs"]] == [1000, 1001]
+            assert all(len(r["train_loss"]) == sc["steps"] and r["val_loss"] and r["test_metric"] is not None
+                       for r in m["runs"])
+        assert sc["methods"]["adamw"]["tuning"]["steps"] >= 7 * sc["steps"]
+        assert sc["methods"]["l3rs"]["tuning"]["steps"] == 0
+    assert result["optimizer"]["meta_train_seconds"]["l3rs"] == 12.5
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for name in methods:
+        assert f"| {name} |" in md or f"**{name}**" in md
+        assert f"<td>{name}</td>" in page or f"<b>{name}</b>" in page
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {"curves_0.png", "curves_1.png", "lambda_heatmap.png", "mix_heatmap.png"}
+    for p in pngs:
+        assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
+        assert f"plots/{p.name}" in md and f'src="plots/{p.name}"' in page
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    rc = main(argv)
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_missing_optimizer_dir_is_a_one_line_error(tiny: str, tmp_path, capsys) -> None:
+    rc, err = run_cli(["evaluate", "--optimizer", str(tmp_path / "nope"), "--task", tiny, "--out",
+                       str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 2 and len(err) == 1 and "nope" in err[0]
+
+
+def test_optimizer_for_another_model_is_a_one_line_error(tiny: str, tmp_path, capsys) -> None:
+    other = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2))
+    l3rs.L3RS(other.named_parameters(), lr=1e-3).save_pretrained(tmp_path / "other")
+    rc, err = run_cli(["evaluate", "--optimizer", str(tmp_path / "other"), "--task", tiny, "--out",
+                       str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 2 and len(err) == 1 and "another model" in err[0]
+    assert not (tmp_path / "o").exists()  # failed before any run
+
+
+@pytest.mark.parametrize("flags", [["--baselines", "adamw,lion"], ["--horizons", "1,x"], ["--horizons", "0"],
+                                   ["--seeds", "0"], ["--shifts", "no-such-task"]])
+def test_bad_flags_are_one_line_errors(tiny: str, opt_dir: str, tmp_path, capsys, flags: list[str]) -> None:
+    rc, err = run_cli(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(tmp_path / "o"),
+                       "--no-progress", *flags], capsys)
+    assert rc == 2 and len(err) == 1, err

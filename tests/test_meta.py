@@ -1,0 +1,300 @@
+"""Meta-training: estimators learn a known answer; exact resume; worker/rank invariance; robustness."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from l3rs import L3RS, functional, mixer
+from l3rs.cli import main as cli_main
+from l3rs.finetune import finetune
+from l3rs.meta import MetaConfig, train, tune_lr0, unroll
+from l3rs.meta.estimators import centered_ranks
+from l3rs.meta.unroll import single_thread
+from l3rs.tasks import Task, TaskFamily
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+D = 8  # inputs per block
+H = 30  # horizon of the synthetic task
+
+
+# --------------------------------------------------------------------------- a task with a known answer
+class TwoBlock(nn.Module):
+    """Linear regression split in two tensors; `stiff` reads inputs scaled ×10 (100× the curvature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = nn.Linear(D, 1, bias=False)
+        self.stiff = nn.Linear(D, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.slow(x[:, :D]) + self.stiff(x[:, D:])).squeeze(-1)
+
+
+def two_block(seed: int) -> nn.Module:
+    model = TwoBlock()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def stiff_task() -> Task:
+    """Targets from unit weights on both blocks: `stiff` must move 10× less and errs 100× more costly."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2 * D, generator=gen)
+    scale = torch.cat([torch.ones(D), 10 * torch.ones(D)])
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 2 * D, generator=gen)
+        return x * scale, x @ w + 0.1 * torch.randn(n, generator=gen)
+
+    return Task("stiff", two_block, split(512), split(256), loss_fn=F.mse_loss,
+                metric_fn=lambda out, y: -F.mse_loss(out, y), batch_size=32, horizon=H,
+                head=("slow.weight", "stiff.weight"))
+
+
+def exploding_task() -> Task:
+    """Training loss overflows to inf after a few steps of any optimizer (a diverging member)."""
+    task = stiff_task()
+    return Task("exploding", two_block, task.train, task.val, batch_size=32, horizon=H,
+                loss_fn=lambda out, y: F.mse_loss(out, y) * torch.tensor(1e36) ** 2, head=task.head)
+
+
+def small(**kw) -> MetaConfig:
+    base = dict(iterations=4, population=4, tasks_per_iteration=2, truncation=10, lr0=0.03, validate_every=2,
+                validation_seeds=1)
+    return MetaConfig(**{**base, **kw})
+
+
+def meta_vector(path: Path) -> torch.Tensor:
+    return mixer.flatten(load_file(path / "optimizer.safetensors"))
+
+
+def mean_lrs(best: Path, task: Task, seeds: range = range(500, 503)) -> dict[str, float]:
+    """Each tensor's step size λ averaged over fine-tuning runs with the optimizer at `best`."""
+    sums: dict[str, float] = {}
+    count = 0
+    for seed in seeds:
+        model = task.model_fn(seed)
+        opt = L3RS.from_pretrained(best, model.named_parameters(), total_steps=task.horizon)
+        for x, y in task.batches(seed, task.horizon):
+            opt.zero_grad()
+            loss = task.loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss.detach())
+            for name, c in opt.coefficients().items():
+                sums[name] = sums.get(name, 0.0) + c["lr"]
+            count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def held_out_val_loss(task: Task, make, steps: int, seeds: range) -> float:
+    with single_thread():  # two intra-op threads crawl when another process holds one of two cores
+        return sum(finetune(task, make, steps, seed=s).final_val_loss for s in seeds) / len(seeds)
+
+
+# ----------------------------------------------------------------------------------- the unroll itself
+def test_unroll_matches_the_l3rs_optimizer():
+    """The meta-training unroll and `L3RS.step` are the same optimizer (one implementation of the math)."""
+    task, config = stiff_task(), functional.Config()
+    meta = {k: v + 0.3 * torch.randn_like(v) for k, v in config.init_meta(2, seed=1).items()}
+    _, particle = unroll(task, meta, 0.02, 12, seed=7, config=config, horizon=H)
+    model = task.model_fn(7)
+    opt = L3RS(model.named_parameters(), lr=0.02, total_steps=H, config=config, meta=meta)
+    for idx in task.batch_indices(7, H)[:12]:  # the unroll's batches
+        opt.zero_grad()
+        loss = task.loss(model(task.train[0][idx]), task.train[1][idx])
+        loss.backward()
+        opt.step(loss=loss.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(particle.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_unrolls_replay_the_full_unroll():
+    task, config = stiff_task(), functional.Config()
+    meta = config.init_meta(2, seed=3)
+    full, _ = unroll(task, meta, 0.02, H, seed=5, config=config, horizon=H)
+    particle = None
+    for _ in range(3):
+        part, particle = unroll(task, meta, 0.02, H // 3, seed=5, config=config, horizon=H, particle=particle)
+    assert float(part) == float(full)
+
+
+def test_bptt_meta_gradient_matches_finite_differences():
+    # features="none": the statistics features are detached by design, so only then is it the full derivative
+    task, config = stiff_task(), functional.Config(bases=("sgd", "adam"), features="none")
+    gen = torch.Generator().manual_seed(0)
+    meta = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in config.init_meta(2, seed=2).items()}
+    vector = mixer.flatten(meta).requires_grad_(True)
+
+    def objective(vec: torch.Tensor, graph: str | None) -> torch.Tensor:
+        return unroll(task, mixer.unflatten(vec, meta), 0.02, 10, seed=1, config=config, horizon=10,
+                      graph=graph)[0]
+
+    grad = torch.autograd.grad(objective(vector, "second"), vector)[0]
+    direction = grad / grad.norm()
+    h = 1e-2
+    with torch.no_grad():
+        plus, minus = objective(vector + h * direction, None), objective(vector - h * direction, None)
+    numeric = (plus - minus) / (2 * h)
+    assert float(numeric) == pytest.approx(float(grad.norm()), rel=2e-3)
+
+
+def test_centered_ranks_give_non_finite_members_the_worst_rank():
+    ranks = centered_ranks(torch.tensor([1.0, math.nan, 0.5, math.inf, 2.0]))
+    assert ranks.tolist() == [-0.25, 0.375, -0.5, 0.375, 0.0]  # non-finite: tied for worst
+    assert centered_ranks(torch.full((4,), math.inf)).tolist() == [0.0] * 4  # a diverged pair cancels
+
+
+# ----------------------------------------------------------------------- estimators learn the answer
+@pytest.mark.parametrize(("estimator", "settings"), [
+    ("es", dict(iterations=20, population=8, meta_lr=0.03, lr0=None, lr0_grid=(0.003, 0.01, 0.03, 0.1))),
+    ("pes", dict(iterations=30, population=8, meta_lr=0.03)),
+    ("bptt", dict(iterations=30, meta_lr=0.03, first_order=False)),  # the exact (second-order) gradient
+])
+def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator, settings):
+    cfg = small(estimator=estimator, validate_every=5, validation_seeds=2, **settings)
+    best = train(stiff_task(), tmp_path / estimator, cfg, progress=False)
+    info = json.loads((best / "optimizer.json").read_text())
+    assert info["estimator"] == estimator and info["horizon"] == H and info["meta_train_steps"] > 0
+    assert info["validation"] < 0.5 * info["untrained_validation"]
+    task, seeds = stiff_task(), range(900, 903)  # runs never seen in meta-training
+    trained = held_out_val_loss(task, lambda n, t: L3RS.from_pretrained(best, n, total_steps=t), H, seeds)
+    untrained = held_out_val_loss(task, lambda n, t: L3RS(n, lr=info["lr"], total_steps=t), H, seeds)
+    assert trained < 0.5 * untrained
+    lrs = mean_lrs(best, task)
+    assert lrs["stiff.weight"] < lrs["slow.weight"]
+
+
+def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
+    cfg = small(lr0=None, lr0_grid=(0.001, 0.03, 1.0), iterations=1)
+    assert tune_lr0(stiff_task(), cfg) == 0.03
+    best = train(stiff_task(), tmp_path, cfg, progress=False)
+    sweep = json.loads((best / "optimizer.json").read_text())["lr0_sweep"]
+    assert sweep["grid"] == [0.001, 0.03, 1.0] and sweep["lr0"] == 0.03 and sweep["seconds"] > 0
+    assert min(sweep["val_loss"]) == sweep["val_loss"][1] and sweep["steps"] == 3 * 2 * H
+
+
+# ------------------------------------------------------------------------------------ a real task
+def _digits_config(**kw) -> MetaConfig:
+    base = dict(estimator="bptt", horizon=30, truncation=10, iterations=6,
+                tasks_per_iteration=2, lr0=None, lr0_grid=(3e-4, 1e-3), lr0_seeds=1, validate_every=3,
+                validation_seeds=1, val_subset=256)
+    return MetaConfig(**{**base, **kw})
+
+
+def _beats_untrained_on_digits(tmp_path: Path, cfg: MetaConfig) -> None:
+    from l3rs import tasks
+
+    family = tasks.family("mnistcnn-digits")
+    best = train(family, tmp_path, cfg, progress=False)
+    lr0, seeds = json.loads((best / "optimizer.json").read_text())["lr"], range(1000, 1003)
+    trained = held_out_val_loss(family.base, lambda n, t: L3RS.from_pretrained(best, n, total_steps=t),
+                                cfg.horizon, seeds)
+    untrained = held_out_val_loss(family.base, lambda n, t: L3RS(n, lr=lr0, total_steps=t), cfg.horizon,
+                                  seeds)
+    assert trained < 0.9 * untrained
+
+
+def test_meta_trained_beats_untrained_on_digits(tmp_path):
+    _beats_untrained_on_digits(tmp_path, _digits_config())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["es", "pes"])
+def test_meta_trained_beats_untrained_on_digits_with_es(tmp_path, estimator):
+    _beats_untrained_on_digits(tmp_path, _digits_config(estimator=estimator, population=4, iterations=15,
+                                                        meta_lr=0.03, workers=2))
+
+
+# ------------------------------------------------------------------- determinism: resume, workers, ranks
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "l3rs", "meta-train", "--task", "test_meta:stiff_task", "--out", str(out),
+            "--estimator", "pes", "--iterations", "8", "--population", "4", "--truncation", "10",
+            "--lr0", "0.03", "--workers", "1", "--no-progress", *extra]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(TESTS), str(ROOT)])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+    cfg = MetaConfig(estimator="pes", iterations=8, population=4, truncation=10, lr0=0.03)  # as _cli
+    reference = train(stiff_task(), tmp_path / "ref", cfg, progress=False)
+    stopped = tmp_path / "stopped"  # mid-horizon: the PES particles must come back from the checkpoint
+    train(stiff_task(), stopped, replace(cfg, iterations=5), progress=False)
+    train(stiff_task(), stopped, cfg, resume=True, progress=False)
+    assert torch.equal(meta_vector(stopped / "latest"), meta_vector(reference.parent / "latest"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cli_main(["meta-train", "--task", "x:y", "--out", str(out)]) == 2  # unknown task: one line, exit 2
+    assert cli_main(_cli(out)[3:]) == 2  # a checkpoint and no --resume: refuse to overwrite
+    assert subprocess.run(_cli(out, "--resume"), env=_env(), capture_output=True).returncode == 0
+    for name in ("best", "latest"):
+        assert torch.equal(meta_vector(out / name), meta_vector(reference.parent / name))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == list(range(9))
+
+
+def test_one_or_two_workers_give_identical_meta_parameters(tmp_path):
+    results = [meta_vector(train(stiff_task(), tmp_path / f"{est}{w}",
+                                 small(estimator=est, iterations=2, workers=w), progress=False))
+               for est in ("es", "bptt") for w in (1, 2)]
+    assert torch.equal(results[0], results[1]) and torch.equal(results[2], results[3])
+
+
+def test_two_rank_gloo_run_equals_single_process(tmp_path):
+    single = tmp_path / "single"
+    assert subprocess.run(_cli(single, "--iterations", "3"), env=_env(), capture_output=True).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks"
+    ranks = [_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(port)) for r in range(2)]
+    procs = [subprocess.Popen(_cli(out, "--iterations", "3"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env) for env in ranks]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+    assert torch.equal(meta_vector(out / "latest"), meta_vector(single / "latest"))
+
+
+# ------------------------------------------------------------------------------------------ robustness
+@pytest.mark.parametrize(("estimator", "task", "settings"), [
+    ("es", stiff_task, dict(sigma=50.0)),
+    ("pes", stiff_task, dict(sigma=50.0)),
+    ("bptt", exploding_task, {}),
+    ("es", exploding_task, {}),
+])
+def test_diverging_members_never_poison_the_meta_parameters(tmp_path, estimator, task, settings):
+    best = train(TaskFamily.of(task()), tmp_path, small(estimator=estimator, iterations=3, **settings),
+                 progress=False)
+    for name in ("best", "latest"):
+        assert torch.isfinite(meta_vector(best.parent / name)).all()
+    lines = [json.loads(x) for x in (best.parent / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
