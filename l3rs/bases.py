@@ -8,7 +8,8 @@ moment read ONE buffer (the default set keeps exactly AdamW's two buffers per pa
     d     = direction(name, grads, stats, params, hyper)   # or scaled_direction(...) -> (tensors, scalar)
 
 All functions are pure and differentiable (second order included: square roots are clamped away from zero),
-so meta-training unrolls them with autograd and the optimizer class runs the very same code under no_grad.
+so meta-training unrolls them with autograd and the optimizer class runs the very same code under no_grad
+(there, with a `Workspace`, results land in reused buffers instead of fresh memory).
 Directions point *uphill* like a gradient: the L3RS step subtracts them.
 """
 
@@ -57,29 +58,102 @@ class Base:
     doc: str
 
 
+# Each base returns (tensors, scalar): its direction is tensors * scalar. Keeping the scalar apart lets the
+# L3RS step fold it into the per-tensor coefficient instead of spending a pass over every element.
+# The tensors are either the caller's own (grads, moments, params: read only) or new ones that nobody else
+# reads (the step may overwrite those in place on its no-grad path).
+Direction = tuple[TensorList, float]
 
 
-def _inverse_root(second: TensorList, step: int, hyper: Hyper, cache: dict, key: str) -> tuple[TensorList, float]:
-    """Adam's 1 / (sqrt(second / bc2) + eps) as (1 / (sqrt(second) + eps * sqrt(bc2)), sqrt(bc2)).
+class Workspace:
+    """Parameter-sized scratch buffers that the optimizer reuses from step to step (CPU, no-grad path only).
 
-    Computed once per step (adam and rmsprop share it through `cache`); inverted so bases multiply (CPU
-    division is slow) and with the scalar kept apart so it costs no pass over the tensors."""
+    A fresh multi-MB tensor costs page faults on its first touch on CPU, several times an in-place pass over
+    the same memory, so the optimizer keeps the few buffers one step needs alive. Not optimizer state: never
+    saved, rebuilt on demand. The default base set borrows two buffers per step (see `functional.update`).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[TensorList] = []  # everything allocated (and kept) so far
+        self._free: list[TensorList] = []  # not borrowed in the current step
+
+    def reset(self) -> None:
+        """Start a step: every buffer is free again (the previous step's results are dead)."""
+        self._free = list(self._buffers)
+
+    def take(self, like: TensorList) -> TensorList:
+        """A free buffer shaped like `like`; allocated (once) when none fits."""
+        for i, buf in enumerate(self._free):
+            if _same_layout(buf, like):
+                return self._free.pop(i)
+        for stale in self._free:  # a different tensor subset than before: don't hoard its buffers
+            self._buffers = [b for b in self._buffers if b is not stale]
+        self._free = []
+        buf = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
+        self._buffers.append(buf)
+        return buf
+
+    def give(self, tensors: TensorList) -> None:
+        """Hand a borrowed buffer back early so the same step can reuse it (ignores anything else)."""
+        if any(tensors is b for b in self._buffers) and not any(tensors is b for b in self._free):
+            self._free.append(tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for buf in self._buffers for t in buf)
+
+
+def _same_layout(a: TensorList, b: TensorList) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(a, b, strict=True))
+
+
+def fresh(cache: dict, foreach_op: Callable, op: Callable, *lists: TensorList, **kwargs) -> TensorList:
+    """foreach_op(*lists, **kwargs) as new tensors the step owns. With a workspace in `cache`, the same math
+    runs per tensor (`op(..., out=)`) into a reused buffer: no fresh memory (torch has no foreach out=)."""
+    workspace = cache.get("workspace")
+    if workspace is None:
+        return foreach_op(*lists, **kwargs)
+    out = workspace.take(lists[0])
+    for o, *xs in zip(out, *lists, strict=True):
+        op(*xs, **kwargs, out=o)
+    return out
+
+
+def _may_overwrite(cache: dict, stat: str) -> bool:
+    """True when no base after the current one reads `stat`, so intermediates derived from it (cached in
+    `cache`) may be overwritten in place. Never under grad mode: autograd needs them."""
+    later = cache.get("later")
+    return later is not None and not torch.is_grad_enabled() and not any(stat in get(n).needs for n in later)
+
+
+def _root(second: TensorList, step: int, hyper: Hyper, cache: dict, key: str) -> tuple[TensorList, float]:
+    """Adam's sqrt(second / bc2) + eps as (sqrt(second) + eps * sqrt(bc2), 1 / sqrt(bc2)).
+
+    Computed once per step (adam and rmsprop share it through `cache`), with the scalar kept apart so it
+    costs no pass over the tensors."""
     if key not in cache:
         bc2_sqrt = math.sqrt(1 - hyper.beta2**step)
         if torch.is_grad_enabled():  # differentiable: clamp so d sqrt(v)/dv stays finite at v == 0
             root = torch._foreach_sqrt(torch._foreach_clamp_min(second, _SQRT_FLOOR))
-            inv = torch._foreach_reciprocal(torch._foreach_add(root, hyper.eps * bc2_sqrt))
-        else:  # the optimizer's path: the same arithmetic in one fresh buffer
-            inv = torch._foreach_sqrt(second)
-            torch._foreach_add_(inv, hyper.eps * bc2_sqrt)
-            torch._foreach_reciprocal_(inv)
-        cache[key] = (inv, bc2_sqrt)
+            denom = torch._foreach_add(root, hyper.eps * bc2_sqrt)
+        else:  # the optimizer's path: the same arithmetic in one buffer
+            denom = fresh(cache, torch._foreach_sqrt, torch.sqrt, second)
+            torch._foreach_add_(denom, hyper.eps * bc2_sqrt)
+        cache[key] = (denom, bc2_sqrt)
     return cache[key]
 
 
-# Each base returns (tensors, scalar): its direction is tensors * scalar. Keeping the scalar apart lets the
-# L3RS step fold it into the per-tensor coefficient instead of spending a pass over every element.
-Direction = tuple[TensorList, float]
+def _over_root(x: TensorList, stat: str, st: Moments, h: Hyper, cache: dict) -> Direction:
+    """x / (sqrt(stat_hat) + eps) as (tensors, bias-correction scalar). With a workspace, the last reader
+    of the shared denominator divides into the denominator's own buffer instead of filling another one
+    (an in-place pass costs about half a pass into separate memory)."""
+    denom, bc2_sqrt = _root(getattr(st, stat), st.step, h, cache, stat)
+    if "workspace" in cache and _may_overwrite(cache, stat):
+        del cache[stat]
+        for xi, di in zip(x, denom, strict=True):
+            torch.div(xi, di, out=di)
+        return denom, bc2_sqrt
+    return fresh(cache, torch._foreach_div, torch.div, x, denom), bc2_sqrt
 
 
 def _sgd(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
@@ -91,31 +165,30 @@ def _momentum(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) 
 
 
 def _nesterov(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    return torch._foreach_lerp(g, st.m, h.beta1), 1.0
+    return fresh(cache, torch._foreach_lerp, torch.lerp, g, st.m, weight=h.beta1), 1.0
 
 
 def _adam(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    inv, bc2_sqrt = _inverse_root(st.v, st.step, h, cache, "v")
-    return torch._foreach_mul(st.m, inv), bc2_sqrt / (1 - h.beta1**st.step)
+    d, bc2_sqrt = _over_root(st.m, "v", st, h, cache)
+    return d, bc2_sqrt / (1 - h.beta1**st.step)
 
 
 def _rmsprop(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    inv, bc2_sqrt = _inverse_root(st.v, st.step, h, cache, "v")
-    return torch._foreach_mul(g, inv), bc2_sqrt
+    return _over_root(g, "v", st, h, cache)
 
 
 def _sign(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    return torch._foreach_sign(st.m), 1.0
+    return fresh(cache, torch._foreach_sign, torch.sign, st.m), 1.0
 
 
 def _adabelief(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    inv, bc2_sqrt = _inverse_root(st.s, st.step, h, cache, "s")
-    return torch._foreach_mul(st.m, inv), bc2_sqrt / (1 - h.beta1**st.step)
+    d, bc2_sqrt = _over_root(st.m, "s", st, h, cache)
+    return d, bc2_sqrt / (1 - h.beta1**st.step)
 
 
 def _to_init(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
     # theta - theta0: subtracting it pulls the weights back toward the pretrained ones.
-    return torch._foreach_sub(p, st.theta0), 1.0
+    return fresh(cache, torch._foreach_sub, torch.sub, p, st.theta0), 1.0
 
 
 def newton_schulz(x: Tensor, iters: int = 5) -> Tensor:
@@ -222,7 +295,9 @@ def update(grads: TensorList, stats: Moments, hyper: Hyper, inplace: bool = Fals
 def scaled_direction(name: str, grads: TensorList, stats: Moments, params: TensorList, hyper: Hyper,
                      cache: dict) -> Direction:
     """(tensors, scalar) with direction = tensors * scalar; one `cache` dict per step lets bases share
-    intermediate results (e.g. Adam's denominator)."""
+    intermediate results (e.g. Adam's denominator). Optional keys the step sets: "workspace" (a `Workspace`:
+    fill reused buffers instead of new tensors) and "later" (the bases still to come: a base that is the last
+    reader of a shared intermediate may overwrite it)."""
     return get(name).fn(grads, stats, params, hyper, cache)
 
 

@@ -136,28 +136,86 @@ def make_optimizer(method: Method, hp: dict[str, float], head: Sequence[str],
 
 
 # -------------------------------------------------------------------------------------------- running
-class Runner:
-    """Runs one scenario's fine-tuning runs (caching identical ones) and advances a shared progress bar."""
+_POOL_TASK: tuple[Any, ...] = ()
 
-    def __init__(self, task: Any, steps: int, config: Config, bar: Any = None, device: Any = None) -> None:
+
+def _pool_init(task: Any, config: Config, device: Any) -> None:
+    global _POOL_TASK
+    torch.set_num_threads(1)  # W single-threaded processes beat one W-threaded process on small models
+    _POOL_TASK = (task, config, device)
+
+
+def _pool_run(request: tuple[Method, dict[str, float], int, bool, int, int]) -> RunResult:
+    method, hp, seed, curves, steps, eval_every = request
+    task, config, device = _POOL_TASK
+    return finetune(task, make_optimizer(method, hp, task.head, config), steps, seed, test=curves, device=device,
+                    eval_every=eval_every if curves else None)
+
+
+class Runner:
+    """Runs one scenario's fine-tuning runs (caching identical ones) and advances a shared progress bar.
+
+    With ``workers > 1``, `prefetch` computes independent runs (a sweep's grid, the evaluation seeds) in
+    that many single-threaded processes; the sequential code then finds them in the cache.
+    """
+
+    def __init__(self, task: Any, steps: int, config: Config, bar: Any = None, device: Any = None,
+                 workers: int = 1) -> None:
         self.task, self.steps, self.config, self.bar, self.device = task, steps, config, bar, device
-        self.eval_every = max(1, steps // 20)
+        self.eval_every = max(1, steps // 12)  # ~12 points per curve: validation passes cost steps too
+        self.workers = workers
         self._cache: dict[tuple, RunResult] = {}
+        self._pool: Any = None
+
+    def _key(self, method: Method, hp: dict[str, float], seed: int, curves: bool) -> tuple:
+        return (method.kind, method.cosine, method.path, hp.get("lr"), hp.get("head", 1.0), hp.get("mix"),
+                seed, curves)
+
+    def _done(self, key: tuple, method: Method, seed: int, result: RunResult) -> RunResult:
+        self._cache[key] = result
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.task.name} {self.steps} steps {method.name} seed {seed}",
+                                     refresh=False)
+            self.bar.total = max(self.bar.total, self.bar.n + self.steps)
+            self.bar.update(self.steps)
+        return result
 
     def run(self, method: Method, hp: dict[str, float], seed: int, curves: bool = False) -> RunResult:
-        key = (method.kind, method.cosine, method.path, hp.get("lr"), hp.get("head", 1.0), hp.get("mix"),
-               seed, curves)
+        key = self._key(method, hp, seed, curves)
         if key not in self._cache:
-            if self.bar is not None:
-                self.bar.set_postfix_str(f"{self.task.name} {self.steps} steps {method.name} seed {seed}",
-                                         refresh=False)
             make = make_optimizer(method, hp, self.task.head, self.config)
-            self._cache[key] = finetune(self.task, make, self.steps, seed, test=curves, device=self.device,
-                                        eval_every=self.eval_every if curves else None)
-            if self.bar is not None:
-                self.bar.total = max(self.bar.total, self.bar.n + self.steps)
-                self.bar.update(self.steps)
+            self._done(key, method, seed, finetune(self.task, make, self.steps, seed, test=curves,
+                                                   device=self.device,
+                                                   eval_every=self.eval_every if curves else None))
         return self._cache[key]
+
+    def prefetch(self, requests: list[tuple[Method, dict[str, float], int, bool]]) -> None:
+        """Compute the uncached runs among `requests` in parallel (no-op with one worker)."""
+        todo = {self._key(*r): r for r in requests if self._key(*r) not in self._cache}
+        if self.workers < 2 or len(todo) < 2:
+            return
+        if self._pool is None:
+            import multiprocessing
+            import pickle
+            from concurrent.futures import ProcessPoolExecutor
+
+            try:  # worker processes need the task: a task built from closures cannot travel, run here
+                pickle.dumps((self.task, self.config))
+            except (pickle.PicklingError, AttributeError, TypeError):
+                self.workers = 1
+                return
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_pool_init,
+                                             initargs=(self.task, self.config, self.device))
+        jobs = [(m, hp, seed, curves, self.steps, self.eval_every) for m, hp, seed, curves in todo.values()]
+        for (key, (m, _, seed, _)), result in zip(todo.items(), self._pool.map(_pool_run, jobs), strict=True):
+            self._done(key, m, seed, result)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 @dataclass
@@ -192,6 +250,7 @@ def sweep_lr(runner: Runner, method: Method, hp: dict[str, float],
              grid: Sequence[float]) -> list[dict[str, Any]]:
     """Final validation loss at every LR of the log grid, extended past an edge while the best sits on it."""
     lrs = sorted(grid)
+    runner.prefetch([(method, {**hp, "lr": lr}, TUNE_SEED, False) for lr in lrs])
     trials = {lr: _trial(runner, method, {**hp, "lr": lr}) for lr in lrs}
     for _ in range(MAX_EXTEND):
         best = _best([trials[lr] for lr in lrs])["hp"]["lr"]
@@ -211,8 +270,10 @@ def tune(runner: Runner, method: Method) -> Tuned:
     trials = sweep_lr(runner, method, base, SGD_GRID if method.kind == "sgd" else ADAM_GRID)
     best = _best(trials)["hp"]
     if method.head:  # multiplier 1 is the sweep's best run: a head LR never has to look worse than one LR
+        runner.prefetch([(method, {**best, "head": m}, TUNE_SEED, False) for m in HEAD_MULTIPLIERS])
         trials += [_trial(runner, method, {**best, "head": m}) for m in HEAD_MULTIPLIERS]
     if method.kind == "atmo":
+        runner.prefetch([(method, {**best, "mix": a}, TUNE_SEED, False) for a in ATMO_MIXES])
         trials += [_trial(runner, method, {**best, "mix": a}) for a in ATMO_MIXES]
     return Tuned(_best(trials)["hp"], trials)
 
@@ -328,15 +389,19 @@ def _check_fits(optimizer_dir: Path, task: Any) -> None:
 
 
 def run_scenario(sc: Scenario, steps: int, methods: list[Method], seeds: int, config: Config, bar: Any,
-                 device: Any) -> dict[str, Any]:
+                 device: Any, workers: int = 1) -> dict[str, Any]:
     """Tune every method, run it on the evaluation seeds, and compare with the best tuned baseline."""
-    runner = Runner(sc.task, steps, config, bar, device)
+    runner = Runner(sc.task, steps, config, bar, device, workers)
     out: dict[str, Any] = {}
+    try:
+        tuned = {m.name: tune(runner, m) for m in methods}
+        runner.prefetch([(m, tuned[m.name].hp, s, True) for m in methods for s in range(EVAL_SEED, EVAL_SEED + seeds)])
+    finally:
+        runner.close()
     for m in methods:
-        tuned = tune(runner, m)
-        runs = [{"seed": s, **runner.run(m, tuned.hp, s, curves=True).to_dict()}
+        runs = [{"seed": s, **runner.run(m, tuned[m.name].hp, s, curves=True).to_dict()}
                 for s in range(EVAL_SEED, EVAL_SEED + seeds)]
-        out[m.name] = {"kind": m.kind, "hp": tuned.hp, "tuning": tuned.to_dict(), "runs": runs,
+        out[m.name] = {"kind": m.kind, "hp": tuned[m.name].hp, "tuning": tuned[m.name].to_dict(), "runs": runs,
                        "summary": summarize(runs)}
     grid = eval_grid(steps, runner.eval_every)
     curves = {name: {"val_loss": mean_curve(r["runs"], "val_loss", grid, math.inf),
@@ -402,12 +467,14 @@ def evaluate(
     progress: bool = True,
     budget_minutes: float | None = None,
     device: Any = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Evaluate a saved optimizer against tuned baselines; write evaluation.json, report.md and report.html.
 
     `horizons` are multiples of the meta-training horizon; `shifts` name unseen-data variants of the task
     (None: every variant the task layer offers; () for none); `budget_minutes` is each ablation's
-    meta-training budget (default: the main optimizer's). Returns the result dict saved as JSON.
+    meta-training budget (default: the main optimizer's); `workers` > 1 runs independent fine-tuning runs in
+    that many single-threaded processes. Returns the result dict saved as JSON.
     """
     optimizer_dir, out_dir = Path(optimizer_dir), Path(out_dir)
     if seeds < 1 or not horizons or any(m <= 0 for m in horizons):
@@ -432,7 +499,7 @@ def evaluate(
                disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
-        results = [run_scenario(sc, n, methods, seeds, config, bar, device)
+        results = [run_scenario(sc, n, methods, seeds, config, bar, device, workers)
                    for sc, n in zip(plan, steps, strict=True)]
         bar.total = bar.n
     from l3rs import report  # here, not at the top: report imports this module's helpers
@@ -513,6 +580,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="unseen-data variants evaluated at 1x: 'auto' (all the task offers), 'none', or "
                              f"comma-separated names ({', '.join(SHIFTS)}) or task specs")
     parser.add_argument("--device", default=None, help="torch device for the runs (default: cpu)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel single-threaded processes for the runs (default: up to 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -526,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
                       seeds=args.seeds, baselines=_names(args.baselines, list(BASELINES), "baseline(s)"),
                       ablations=args.ablations, shifts=shifts, progress=not args.no_progress,
-                      budget_minutes=args.budget_minutes, device=args.device)
+                      budget_minutes=args.budget_minutes, device=args.device, workers=max(1, args.workers))
     out = Path(args.out)
     print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'evaluation.json'} "
           f"({len(result['scenarios'])} scenarios, {result['seconds']:.0f} s)", file=sys.stdout)

@@ -13,6 +13,7 @@ not through the statistics that steer it (cheaper and far less noisy).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -46,13 +47,20 @@ def init() -> FeatureState:
     return FeatureState(None, None, None, None, None, None, None)
 
 
+@functools.cache
+def _decays(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(DECAYS, 1 - DECAYS) as tensors, built once per dtype/device (a step is many tiny ops)."""
+    decays = torch.tensor(DECAYS, dtype=dtype, device=device)
+    return decays, 1 - decays
+
+
 def _ema(ema: Tensor | None, x: Tensor) -> Tensor:
     """EMAs at every decay in DECAYS; the first observation initializes them (no zero bias)."""
     x = x.unsqueeze(-1).expand(*x.shape, len(DECAYS))
     if ema is None:
         return x.clone()
-    decays = torch.tensor(DECAYS, dtype=x.dtype, device=x.device)
-    return decays * ema + (1 - decays) * x
+    decays, rest = _decays(x.dtype, x.device)
+    return decays * ema + rest * x
 
 
 def observe(

@@ -133,6 +133,42 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
     return lr * torch.exp(s), mix
 
 
+def _scale(config: Config, base_scale: Tensor, d: TensorList, factor: float, grads: TensorList,
+           grad_rms: Tensor, sqrt_numel: Tensor) -> Tensor:
+    """Per-tensor coefficients c [T] with this base's contribution = c_l * d_l (factor folded in)."""
+    if config.normalize:  # rms(factor * d) = factor * rms(d): the factor cancels
+        scale = base_scale / ((grad_rms if d is grads else _rms(d, sqrt_numel)) + 1e-12 / factor)
+    else:
+        scale = base_scale * factor
+    return scale.to(d[0].dtype)
+
+
+def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned: bool,
+                cache: dict) -> TensorList:
+    """updates + d * scale. Under no_grad it reuses memory: an `owned` d (computed this step, read by
+    nobody else) is scaled in place to become the sum, or handed back to the workspace once added."""
+    if torch.is_grad_enabled():  # differentiable: nothing in place, 0-dim tensor coefficients
+        scale = list(scale.unbind())
+        return torch._foreach_mul(d, scale) if updates is None else torch._foreach_addcmul(updates, d, scale)
+    workspace = cache.get("workspace")
+    # With a workspace (CPU) the coefficients become Python floats: per-tensor add_(alpha=) is a lighter
+    # pass than addcmul_ with a broadcast 0-dim tensor, and .tolist() costs no device sync there.
+    scale = list(scale.unbind()) if workspace is None else scale.tolist()
+    if updates is None:
+        if owned:
+            torch._foreach_mul_(d, scale)
+            return d
+        return base_lib.fresh(cache, torch._foreach_mul, torch.mul, d, scale)
+    if workspace is None:
+        torch._foreach_addcmul_(updates, d, scale)
+        return updates
+    for u, x, c in zip(updates, d, scale, strict=True):
+        u.add_(x, alpha=c)
+    if owned:
+        workspace.give(d)
+    return updates
+
+
 def update(
     config: Config,
     meta: mixer.Meta,
@@ -144,12 +180,17 @@ def update(
     loss: Tensor | float | None = None,
     total_steps: int | None = None,
     inplace: bool = False,
+    workspace: base_lib.Workspace | None = None,
 ) -> tuple[TensorList | None, State, Coefficients | None]:
     """One L3RS step: returns (updates to add to params, new state, coefficients used).
 
     `inplace=True` is the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
     overwritten, and a step with a non-finite gradient returns (None, state, None) before touching anything.
+    `workspace` (that path only; ignored otherwise) makes the step fill reused scratch buffers instead of
+    fresh tensors; the returned updates then live in it and are valid until its next step.
     """
+    if not inplace or torch.is_grad_enabled():
+        workspace = None
     device = params[0].device
     sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=grads[0].dtype, device=device)
     grad_rms_raw = _rms(grads, sqrt_numel)
@@ -164,24 +205,28 @@ def update(
     fs = features.observe(state.features, loss, grad_rms, _rms(params, sqrt_numel), distance)
     x = feature_matrix(config, fs, state.moments.step, total_steps, len(params), device)
     lam, mix = coefficients(config, meta, x, lr)
+    base_scale = -lam.unsqueeze(-1) * mix  # [T, P]
 
+    # Directions computed this step are summed first (the first one becomes the sum, each later one frees
+    # its buffer), the caller's own tensors (g, m, ...) last: with a workspace the default bases need two
+    # scratch buffers. Every path sums in this order, so meta-training and the optimizer round alike.
+    if workspace is not None:
+        workspace.reset()
+    cache: dict = {} if workspace is None else {"workspace": workspace}
+    borrowed = {id(t) for ts in (grads, params, *moments[1:]) if ts is not None for t in ts}
     updates: TensorList | None = None
-    cache: dict = {}
+    deferred = []
     for p, name in enumerate(config.bases):
+        cache["later"] = config.bases[p + 1 :]
         d, factor = base_lib.scaled_direction(name, grads, moments, params, config.hyper, cache)
-        scale = -lam * mix[:, p]
-        if config.normalize:  # rms(factor * d) = factor * rms(d): the factor cancels
-            scale = scale / ((grad_rms_raw if d is grads else _rms(d, sqrt_numel)) + 1e-12 / factor)
-        else:
-            scale = scale * factor
-        scale = list(scale.to(d[0].dtype).unbind())
-        # addcmul with per-tensor 0-dim scales: one pass per base, differentiable in every argument
-        if updates is None:
-            updates = torch._foreach_mul(d, scale)
-        elif torch.is_grad_enabled():
-            updates = torch._foreach_addcmul(updates, d, scale)
-        else:  # `updates` is our own fresh buffer: accumulate into it
-            torch._foreach_addcmul_(updates, d, scale)
+        if any(id(t) in borrowed for t in d):
+            deferred.append((p, d, factor))
+            continue
+        scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel)
+        updates = _accumulate(updates, d, scale, True, cache)
+    for p, d, factor in deferred:
+        scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel)
+        updates = _accumulate(updates, d, scale, False, cache)
     return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)
 
 

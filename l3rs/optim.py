@@ -72,6 +72,12 @@ class L3RS(torch.optim.Optimizer):
 
     ``step(closure)`` or ``step(loss=loss.detach())`` feeds the loss features; without a loss they keep
     their last value. A step with a non-finite gradient changes nothing and counts in ``skipped_steps``.
+
+    Memory: the optimizer state is AdamW's two buffers per parameter (the default bases) plus O(number of
+    tensors). On CPU a step also reuses a scratch workspace (not state, never saved) so it does not
+    page-fault fresh memory every step: two parameter-sized buffers with the default bases (one more per
+    extra shared denominator, e.g. adabelief). On CUDA there is none: the caching allocator serves fresh
+    buffers cheaply.
     """
 
     def __init__(
@@ -123,6 +129,11 @@ class L3RS(torch.optim.Optimizer):
                                     unknown, config.scope)
         _check_meta(meta, config, len(self._params))
         self.meta = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in meta.items()}
+        # Scratch buffers reused across steps (not state: never saved). Only on CPU, where fresh multi-MB
+        # tensors page-fault; CUDA's caching allocator makes fresh ones cheap and its fused foreach kernels
+        # beat the per-tensor loops that filling existing buffers needs.
+        self._workspace = functional.base_lib.Workspace() if device.type == "cpu" else None
+        self._lr0_cache: tuple[Any, Tensor | None] = (None, None)
         self._init_state()
 
     # --------------------------------------------------------------------------------------- state
@@ -172,8 +183,12 @@ class L3RS(torch.optim.Optimizer):
         return functional.base_lib.Moments(self.step_count, field("m"), field("v"), field("s"), field("theta0"))
 
     def _lr0(self) -> Tensor:
-        lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
-        return torch.tensor(lrs, dtype=torch.float32, device=self._params[0].device)
+        """λ0 per tensor; rebuilt only when a group's lr changed (e.g. by a scheduler)."""
+        key = tuple(g["lr"] for g in self.param_groups)
+        if self._lr0_cache[0] != key:
+            lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
+            self._lr0_cache = (key, torch.tensor(lrs, dtype=torch.float32, device=self._params[0].device))
+        return self._lr0_cache[1]
 
     # ---------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -194,9 +209,10 @@ class L3RS(torch.optim.Optimizer):
             **self.meta, "embedding": self.meta["embedding"][subset]}
         state = functional.State(self._moments(params), self._feature_state(subset))
         loss_value = loss.detach() if isinstance(loss, Tensor) else loss
+        lr = self._lr0() if subset is None else self._lr0()[rows]
         updates, new, _ = functional.update(
-            self.config, meta, grads, state, params, lr=self._lr0()[rows], loss=loss_value,
-            total_steps=self.total_steps, inplace=True)
+            self.config, meta, grads, state, params, lr=lr, loss=loss_value, total_steps=self.total_steps,
+            inplace=True, workspace=self._workspace)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss

@@ -30,3 +30,18 @@ def test_misuse_is_one_line_and_exit_2(argv, capsys):
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "l3rs", "--version"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "0.1.0"
+
+
+def test_readme_user_task_example_meta_trains_through_the_cli(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import l3rs
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "mine"
+    argv = ["meta-train", "--task", "examples.user_task:make_task", "--out", str(out), "--iterations", "3",
+            "--horizon", "12", "--lr0", "1e-3", "--workers", "1", "--no-progress"]
+    assert main(argv) == 0
+    task = l3rs.tasks.get("examples.user_task:make_task")
+    opt = l3rs.L3RS.from_pretrained(out / "best", task.model_fn(1).named_parameters())
+    assert set(opt.coefficients()) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}

@@ -240,3 +240,22 @@ def test_bad_flags_are_one_line_errors(tiny: str, opt_dir: str, tmp_path, capsys
     rc, err = run_cli(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(tmp_path / "o"),
                        "--no-progress", *flags], capsys)
     assert rc == 2 and len(err) == 1, err
+
+
+def test_parallel_runner_matches_sequential(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    task = l3rs.tasks.get("examples.user_task:make_task")
+    method = ev.BASELINES["adamw"]
+    requests = [(method, {"lr": lr}, ev.TUNE_SEED, False) for lr in (1e-3, 1e-2)]
+    parallel = ev.Runner(task, steps=5, config=l3rs.Config(), workers=2)
+    try:
+        parallel.prefetch(requests)
+    finally:
+        parallel.close()
+    assert len(parallel._cache) == 2  # computed by the worker processes
+    sequential = ev.Runner(task, steps=5, config=l3rs.Config())
+    for m, hp, seed, curves in requests:
+        a, b = parallel.run(m, hp, seed, curves), sequential.run(m, hp, seed, curves)
+        assert a.final_val_loss == pytest.approx(b.final_val_loss, rel=1e-4)

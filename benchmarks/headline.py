@@ -1,0 +1,40 @@
+"""The headline result: meta-train L3RS on the default task, evaluate it against LR-tuned baselines on
+held-out seeds, 1x/2x/5x horizons and an unseen shift; print JSON (the figures in README.md come from here).
+
+    python benchmarks/headline.py [--budget-minutes 10] [--task mnistcnn-digits] [--out runs/headline]
+
+It is `l3rs quickstart` plus machine information, so anyone can rerun it and compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+from l3rs.quickstart import DEFAULT_BUDGET_MINUTES, DEFAULT_TASK, QUICK_HORIZON, quickstart
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default=DEFAULT_TASK)
+    parser.add_argument("--out", default="runs/headline")
+    parser.add_argument("--budget-minutes", type=float, default=DEFAULT_BUDGET_MINUTES)
+    parser.add_argument("--horizon", type=int, default=QUICK_HORIZON)
+    parser.add_argument("--estimator", default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    head = quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, progress=False,
+                      horizon=args.horizon)
+    head["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                       "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads()}
+    head["settings"] = vars(args)
+    print(json.dumps(head, indent=1))
+
+
+if __name__ == "__main__":
+    main()
