@@ -9,9 +9,11 @@ It is `l3rs quickstart` plus machine information, so anyone can rerun it and com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import sys
 
 import torch
 
@@ -27,8 +29,9 @@ def main() -> None:
     parser.add_argument("--estimator", default=None)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    head = quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, progress=False,
-                      horizon=args.horizon)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+        head = quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, progress=False,
+                          horizon=args.horizon)
     head["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                        "cpu_count": os.cpu_count(), "torch": torch.__version__,
                        "torch_threads": torch.get_num_threads()}
