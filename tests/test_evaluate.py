@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -37,24 +36,14 @@ TINY_TASK = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A user task given as 'module:function' (the module lives in a temporary directory on sys.path)."""
-    root = tmp_path_factory.mktemp("usertask")
-    (root / "l3rs_eval_tiny.py").write_text(TINY_TASK)
-    sys.path.insert(0, str(root))
-    yield "l3rs_eval_tiny:task"
-    sys.path.remove(str(root))
-    sys.modules.pop("l3rs_eval_tiny", None)
+def tiny(user_module) -> str:
+    """A user task given as 'module:function'."""
+    user_module("l3rs_eval_tiny", TINY_TASK)
+    return "l3rs_eval_tiny:task"
 
 
 @pytest.fixture(scope="module")
