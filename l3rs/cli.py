@@ -49,6 +49,8 @@ def _command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.getcwd() not in sys.path:  # "module:function" task specs resolve from here, as with `python -m`
+        sys.path.insert(0, os.getcwd())
     from l3rs.optim import CheckpointError
 
     user_errors: tuple[type[BaseException], ...] = (UsageError, CheckpointError, FileNotFoundError,

@@ -163,8 +163,8 @@ def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
                           progress=progress)
         (out / "meta.done").write_text("")
 
-    _stage("3/3 evaluate on held-out seeds, 1x/2x/5x horizons and an unseen shift")
     shifts = [SHIFT] if f"{task_spec}:{SHIFT}" in tasks.names() else []
+    _stage("3/3 evaluate on held-out seeds, 1x/2x/5x horizons" + (f" and the unseen shift :{SHIFT}" if shifts else ""))
     result = evaluate(best, task_spec, out / "eval", horizons=HORIZONS, seeds=seeds, baselines=BASELINES,
                       shifts=shifts, progress=progress, workers=workers)
     head = headline(result)
