@@ -45,3 +45,13 @@ def test_readme_user_task_example_meta_trains_through_the_cli(tmp_path, monkeypa
     task = l3rs.tasks.get("examples.user_task:make_task")
     opt = l3rs.L3RS.from_pretrained(out / "best", task.model_fn(1).named_parameters())
     assert set(opt.coefficients()) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
+
+
+def test_readme_python_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["opt"].step_count == 200 and namespace["loss"].item() < 1.0
