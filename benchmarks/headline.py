@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import sys
 
-import torch
-
+from l3rs.evaluate import machine
 from l3rs.quickstart import DEFAULT_BUDGET_MINUTES, DEFAULT_TASK, QUICK_HORIZON, quickstart
 
 
@@ -32,9 +29,7 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
         head = quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, progress=False,
                           horizon=args.horizon)
-    head["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                       "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                       "torch_threads": torch.get_num_threads()}
+    head["machine"] = machine()
     head["settings"] = vars(args)
     print(json.dumps(head, indent=1))
 

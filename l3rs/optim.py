@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -321,7 +321,9 @@ def _match_embedding(meta: mixer.Meta, info: dict[str, Any], names: list[str], s
     return {**meta, "embedding": torch.stack(rows)}
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a reader (or a kill)
+    sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -343,8 +345,8 @@ def save_meta(path: str | os.PathLike, meta: mixer.Meta, config: Config, names: 
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "l3rs_version": __version__,
            "config": config.to_dict(), "tensor_names": list(names), "tensor_shapes": [list(s) for s in shapes],
            "lr": float(lr), "total_steps": total_steps, **info}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
 from l3rs.meta.unroll import Job, Worker, pack, seed_of, unpack
-from l3rs.optim import save_meta
+from l3rs.optim import atomic_write, save_meta
 from l3rs.tasks import Task, TaskFamily
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -116,14 +115,7 @@ def _save_checkpoint(out: Path, st: dict[str, Any], cfg: MetaConfig) -> None:
     doc = {k: st[k] for k in ("iteration", "untrained_validation", "best_validation", "best_iteration", "lr0",
                               "lr0_sweep", "seconds", "steps")}
     doc |= {"particles": layout, "meta_config": cfg.result_keys()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"state": json.dumps(doc)})
-        os.replace(tmp, out / CHECKPOINT)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(doc)}))
 
 
 def _load_checkpoint(out: Path, cfg: MetaConfig) -> dict[str, Any] | None:

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from l3rs.optim import atomic_write
+
 from . import data
 from .backbones import MLP, SmallCNN
 from .core import TaskError, accuracy
@@ -139,16 +141,6 @@ def _train(spec: PretrainSpec, seed: int, progress: bool, desc: str) -> tuple[nn
     return model, {"val_accuracy": val_acc}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def pretrain(
     name: str, seed: int = 0, force: bool = False, progress: bool = True, steps: int | None = None
 ) -> Path:
@@ -175,10 +167,10 @@ def pretrain(
         "torch": torch.__version__,
         **info,
     }
-    _atomic_write(
-        path.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2, default=str))
+    atomic_write(
+        path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(record, indent=2, default=str))
     )
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata={"name": name, "seed": str(seed)}))
+    atomic_write(path, lambda p: save_file(state, p, metadata={"name": name, "seed": str(seed)}))
     return path
 
 
