@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 
-from l3rs.evaluate import machine
+from l3rs.io import machine
 from l3rs.quickstart import DEFAULT_BUDGET_MINUTES, DEFAULT_TASK, QUICK_HORIZON, quickstart
 
 

@@ -15,8 +15,9 @@ import json
 import torch
 
 from l3rs import L3RS, meta, tasks
-from l3rs.evaluate import machine, speedup
+from l3rs.evaluate import speedup
 from l3rs.finetune import finetune
+from l3rs.io import machine
 
 HORIZON, SEEDS, EVERY = 60, (1000, 1001, 1002), 5
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,9 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from l3rs import __version__
 from l3rs.finetune import MakeOptimizer, RunResult, finetune
 from l3rs.functional import Config
+from l3rs.io import machine, save_json
 from l3rs.mixer import depth
 from l3rs.optim import L3RS, load_meta
 
@@ -435,12 +433,6 @@ def meta_train_ablations(config: Config, info: dict[str, Any], task_or_spec: Any
 
 
 # ---------------------------------------------------------------------------------------------- main
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "l3rs": __version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def planned_runs(methods: list[Method], seeds: int) -> int:
     """Runs per scenario, for the progress bar's ETA (grid extensions past an edge add a few)."""
     sweeps = {(m.kind, m.cosine) for m in methods if m.tuned}
@@ -522,22 +514,6 @@ def evaluate(
     save_json(result, out_dir / "evaluation.json")
     report.write(result, out_dir)
     return result
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no inf/nan: non-finite floats become null (a diverged run also says diverged=true)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def save_json(obj: Any, path: Path) -> Path:
-    path.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- CLI

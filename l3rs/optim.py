@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from l3rs import features, functional, mixer
 from l3rs.functional import Config
+from l3rs.io import atomic_write
 
 FORMAT = "l3rs-optimizer"
 FORMAT_VERSION = 1
@@ -319,19 +319,6 @@ def _match_embedding(meta: mixer.Meta, info: dict[str, Any], names: list[str], s
     mean = table.mean(0)
     rows = [mean if n in bad else table[row[n]] for n in names]
     return {**meta, "embedding": torch.stack(rows)}
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a reader (or a kill)
-    sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_meta(path: str | os.PathLike, meta: mixer.Meta, config: Config, names: list[str],

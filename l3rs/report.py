@@ -24,8 +24,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from l3rs.evaluate import EVAL_SEED, aligned, base_horizon, save_json  # noqa: E402
+from l3rs.evaluate import EVAL_SEED, aligned, base_horizon  # noqa: E402
 from l3rs.finetune import finetune  # noqa: E402
+from l3rs.io import save_json  # noqa: E402
 from l3rs.optim import L3RS, load_meta  # noqa: E402
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("list", [items]) | ("table", headers, rows) | ("img", path, alt)

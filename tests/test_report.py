@@ -11,7 +11,8 @@ import torch
 import l3rs
 from l3rs import report
 from l3rs.cli import main
-from l3rs.evaluate import evaluate, save_json, summarize
+from l3rs.evaluate import evaluate, summarize
+from l3rs.io import save_json
 from l3rs.mixer import depth
 
 TINY_TASK = textwrap.dedent('''

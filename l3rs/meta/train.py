@@ -22,11 +22,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from l3rs import mixer
+from l3rs.io import atomic_write
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
 from l3rs.meta.unroll import Job, Worker, pack, seed_of, unpack
-from l3rs.optim import atomic_write, save_meta
+from l3rs.optim import save_meta
 from l3rs.tasks import Task, TaskFamily
 
 CHECKPOINT = "checkpoint.safetensors"

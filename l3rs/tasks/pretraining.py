@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from l3rs.optim import atomic_write
+from l3rs.io import atomic_write
 
 from . import data
 from .backbones import MLP, SmallCNN

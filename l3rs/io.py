@@ -1,0 +1,58 @@
+"""File helpers shared by every layer (optimizer dirs, pretraining cache, meta checkpoints, results).
+
+Kept dependency-free within l3rs so that tasks, optimizer, meta-training and evaluation can all use it
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a reader (or a kill)
+    sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def finite(x: Any) -> Any:
+    """JSON has no inf/nan: non-finite floats become null (a diverged run also says diverged=true)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def save_json(obj: Any, path: Path) -> Path:
+    """Write `obj` as strict JSON (non-finite floats as null), atomically."""
+    text = json.dumps(finite(obj), indent=1, allow_nan=False)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    return Path(path)
+
+
+def machine() -> dict[str, Any]:
+    """What a measurement ran on (saved beside every result)."""
+    from l3rs import __version__
+
+    return {"platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "l3rs": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
