@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -54,7 +54,7 @@ class Base:
 
     name: str
     needs: frozenset[str]
-    fn: Callable[[TensorList, Moments, TensorList, Hyper, dict], tuple[TensorList, float]]
+    fn: Callable[[TensorList, Moments, TensorList, Hyper, Scratch], tuple[TensorList, float]]
     doc: str
 
 
@@ -103,14 +103,29 @@ class Workspace:
         return sum(t.numel() * t.element_size() for buf in self._buffers for t in buf)
 
 
+@dataclass
+class Scratch:
+    """What the bases of ONE step share (never kept across steps).
+
+    workspace: fill reused buffers instead of fresh tensors (the optimizer's no-grad path on CPU).
+    later: the bases still to come this step (None: unknown); the last reader of a shared intermediate may
+        then overwrite it in place.
+    roots: Adam-style denominators sqrt(stat) + eps, computed once per statistic ("v", "s") and shared.
+    """
+
+    workspace: Workspace | None = None
+    later: tuple[str, ...] | None = None
+    roots: dict[str, tuple[TensorList, float]] = field(default_factory=dict)
+
+
 def _same_layout(a: TensorList, b: TensorList) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(a, b, strict=True))
 
 
-def fresh(cache: dict, foreach_op: Callable, op: Callable, *lists: TensorList, **kwargs) -> TensorList:
-    """foreach_op(*lists, **kwargs) as new tensors the step owns. With a workspace in `cache`, the same math
+def fresh(scratch: Scratch, foreach_op: Callable, op: Callable, *lists: TensorList, **kwargs) -> TensorList:
+    """foreach_op(*lists, **kwargs) as new tensors the step owns. With a workspace in `scratch`, the same math
     runs per tensor (`op(..., out=)`) into a reused buffer: no fresh memory (torch has no foreach out=)."""
-    workspace = cache.get("workspace")
+    workspace = scratch.workspace
     if workspace is None:
         return foreach_op(*lists, **kwargs)
     out = workspace.take(lists[0])
@@ -119,76 +134,76 @@ def fresh(cache: dict, foreach_op: Callable, op: Callable, *lists: TensorList, *
     return out
 
 
-def _may_overwrite(cache: dict, stat: str) -> bool:
-    """True when no base after the current one reads `stat`, so intermediates derived from it (cached in
-    `cache`) may be overwritten in place. Never under grad mode: autograd needs them."""
-    later = cache.get("later")
+def _may_overwrite(scratch: Scratch, stat: str) -> bool:
+    """True when no base after the current one reads `stat`, so intermediates derived from it (kept in
+    `scratch`) may be overwritten in place. Never under grad mode: autograd needs them."""
+    later = scratch.later
     return later is not None and not torch.is_grad_enabled() and not any(stat in get(n).needs for n in later)
 
 
-def _root(second: TensorList, step: int, hyper: Hyper, cache: dict, key: str) -> tuple[TensorList, float]:
+def _root(second: TensorList, step: int, hyper: Hyper, scratch: Scratch, key: str) -> tuple[TensorList, float]:
     """Adam's sqrt(second / bc2) + eps as (sqrt(second) + eps * sqrt(bc2), 1 / sqrt(bc2)).
 
-    Computed once per step (adam and rmsprop share it through `cache`), with the scalar kept apart so it
+    Computed once per step (adam and rmsprop share it through `scratch`), with the scalar kept apart so it
     costs no pass over the tensors."""
-    if key not in cache:
+    if key not in scratch.roots:
         bc2_sqrt = math.sqrt(1 - hyper.beta2**step)
         if torch.is_grad_enabled():  # differentiable: clamp so d sqrt(v)/dv stays finite at v == 0
             root = torch._foreach_sqrt(torch._foreach_clamp_min(second, _SQRT_FLOOR))
             denom = torch._foreach_add(root, hyper.eps * bc2_sqrt)
         else:  # the optimizer's path: the same arithmetic in one buffer
-            denom = fresh(cache, torch._foreach_sqrt, torch.sqrt, second)
+            denom = fresh(scratch, torch._foreach_sqrt, torch.sqrt, second)
             torch._foreach_add_(denom, hyper.eps * bc2_sqrt)
-        cache[key] = (denom, bc2_sqrt)
-    return cache[key]
+        scratch.roots[key] = (denom, bc2_sqrt)
+    return scratch.roots[key]
 
 
-def _over_root(x: TensorList, stat: str, st: Moments, h: Hyper, cache: dict) -> Direction:
+def _over_root(x: TensorList, stat: str, st: Moments, h: Hyper, scratch: Scratch) -> Direction:
     """x / (sqrt(stat_hat) + eps) as (tensors, bias-correction scalar). With a workspace, the last reader
     of the shared denominator divides into the denominator's own buffer instead of filling another one
     (an in-place pass costs about half a pass into separate memory)."""
-    denom, bc2_sqrt = _root(getattr(st, stat), st.step, h, cache, stat)
-    if "workspace" in cache and _may_overwrite(cache, stat):
-        del cache[stat]
+    denom, bc2_sqrt = _root(getattr(st, stat), st.step, h, scratch, stat)
+    if scratch.workspace is not None and _may_overwrite(scratch, stat):
+        del scratch.roots[stat]
         for xi, di in zip(x, denom, strict=True):
             torch.div(xi, di, out=di)
         return denom, bc2_sqrt
-    return fresh(cache, torch._foreach_div, torch.div, x, denom), bc2_sqrt
+    return fresh(scratch, torch._foreach_div, torch.div, x, denom), bc2_sqrt
 
 
-def _sgd(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+def _sgd(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
     return g, 1.0
 
 
-def _momentum(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+def _momentum(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
     return st.m, 1.0
 
 
-def _nesterov(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    return fresh(cache, torch._foreach_lerp, torch.lerp, g, st.m, weight=h.beta1), 1.0
+def _nesterov(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
+    return fresh(scratch, torch._foreach_lerp, torch.lerp, g, st.m, weight=h.beta1), 1.0
 
 
-def _adam(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    d, bc2_sqrt = _over_root(st.m, "v", st, h, cache)
+def _adam(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
+    d, bc2_sqrt = _over_root(st.m, "v", st, h, scratch)
     return d, bc2_sqrt / (1 - h.beta1**st.step)
 
 
-def _rmsprop(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    return _over_root(g, "v", st, h, cache)
+def _rmsprop(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
+    return _over_root(g, "v", st, h, scratch)
 
 
-def _sign(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    return fresh(cache, torch._foreach_sign, torch.sign, st.m), 1.0
+def _sign(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
+    return fresh(scratch, torch._foreach_sign, torch.sign, st.m), 1.0
 
 
-def _adabelief(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
-    d, bc2_sqrt = _over_root(st.m, "s", st, h, cache)
+def _adabelief(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
+    d, bc2_sqrt = _over_root(st.m, "s", st, h, scratch)
     return d, bc2_sqrt / (1 - h.beta1**st.step)
 
 
-def _to_init(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+def _to_init(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
     # theta - theta0: subtracting it pulls the weights back toward the pretrained ones.
-    return fresh(cache, torch._foreach_sub, torch.sub, p, st.theta0), 1.0
+    return fresh(scratch, torch._foreach_sub, torch.sub, p, st.theta0), 1.0
 
 
 def newton_schulz(x: Tensor, iters: int = 5) -> Tensor:
@@ -204,7 +219,7 @@ def newton_schulz(x: Tensor, iters: int = 5) -> Tensor:
     return y.T if transposed else y
 
 
-def _ortho(g: TensorList, st: Moments, p: TensorList, h: Hyper, cache: dict) -> Direction:
+def _ortho(g: TensorList, st: Moments, p: TensorList, h: Hyper, scratch: Scratch) -> Direction:
     # Matrices (conv kernels flattened to 2-D) get orthogonalized momentum; vectors fall back to momentum.
     return [newton_schulz(m.reshape(m.shape[0], -1)).reshape(m.shape) if m.dim() >= 2 else m for m in st.m], 1.0
 
@@ -293,15 +308,13 @@ def update(grads: TensorList, stats: Moments, hyper: Hyper, inplace: bool = Fals
 
 
 def scaled_direction(name: str, grads: TensorList, stats: Moments, params: TensorList, hyper: Hyper,
-                     cache: dict) -> Direction:
-    """(tensors, scalar) with direction = tensors * scalar; one `cache` dict per step lets bases share
-    intermediate results (e.g. Adam's denominator). Optional keys the step sets: "workspace" (a `Workspace`:
-    fill reused buffers instead of new tensors) and "later" (the bases still to come: a base that is the last
-    reader of a shared intermediate may overwrite it)."""
-    return get(name).fn(grads, stats, params, hyper, cache)
+                     scratch: Scratch) -> Direction:
+    """(tensors, scalar) with direction = tensors * scalar; one `Scratch` per step lets bases share
+    intermediate results (e.g. Adam's denominator) and, on the optimizer's path, reuse buffers."""
+    return get(name).fn(grads, stats, params, hyper, scratch)
 
 
 def direction(name: str, grads: TensorList, stats: Moments, params: TensorList, hyper: Hyper) -> TensorList:
     """Base `name`'s direction from the already-updated moments."""
-    tensors, scale = scaled_direction(name, grads, stats, params, hyper, {})
+    tensors, scale = scaled_direction(name, grads, stats, params, hyper, Scratch())
     return tensors if scale == 1.0 else torch._foreach_mul(tensors, scale)

@@ -24,6 +24,7 @@ DECAYS: tuple[float, ...] = (0.9, 0.99, 0.999)
 _BUMP_CENTERS = (0.25, 0.5, 0.75)
 NUM_TIME = 3 + len(_BUMP_CENTERS)
 NUM_STATS = 3 * len(DECAYS)
+_HORIZON_OCTAVES = math.log(8.0)  # log(T / T_ref) is read in units of "8x the reference horizon"
 _TINY = 1e-12
 
 
@@ -92,12 +93,22 @@ def observe(
     )
 
 
-def time_features(step: int, total_steps: int | None, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """log-time, whether the horizon is known, progress, and tanh bumps of progress (a few O(1) numbers)."""
+def time_features(step: int, total_steps: int | None, reference_horizon: int | None, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """Horizon-relative time: whether the horizon is known, progress t/T, tanh bumps of progress, and the
+    run length relative to the meta-training horizon, log(T / T_ref).
+
+    No absolute step clock: a run 5x longer than any seen in meta-training must not feed the mixer inputs
+    it never saw (progress stays in [0, 1] whatever T is, and log(T / T_ref) is clipped).
+    """
     known = total_steps is not None and total_steps > 0
     progress = min(step / total_steps, 1.5) if known else 0.0
-    values = [math.log1p(step) / math.log1p(1000), float(known), progress]
+    values = [float(known), progress]
     values += [math.tanh((progress - c) / 0.15) if known else 0.0 for c in _BUMP_CENTERS]
+    length = 0.0
+    if known and reference_horizon:
+        length = max(-1.5, min(1.5, math.log(total_steps / reference_horizon) / _HORIZON_OCTAVES))
+    values.append(length)
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -107,11 +118,12 @@ def featurize(
     total_steps: int | None,
     num_tensors: int,
     distance: bool,
+    reference_horizon: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """The [num_tensors, F] feature matrix; statistics not yet observed read as zero."""
-    t = time_features(step, total_steps, dtype, device).expand(num_tensors, NUM_TIME)
+    t = time_features(step, total_steps, reference_horizon, dtype, device).expand(num_tensors, NUM_TIME)
     zeros = torch.zeros(num_tensors, len(DECAYS), dtype=dtype, device=device)
     loss = zeros if fs.loss_ema is None else (fs.loss_ema - fs.loss_ref).expand(num_tensors, -1)
     grad = zeros if fs.grad_ema is None else fs.grad_ema - fs.grad_ref.unsqueeze(-1)

@@ -2,15 +2,19 @@
 
 For every tensor l (one named parameter):
 
-    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p},     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · exp(s_l)
+    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p},     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · b(t/T) · exp(s_l)
 
-with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding.
+with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding, and b a fixed
+base schedule over the run's progress t/T (warm-up, then cosine decay): the mixer learns a bounded
+deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T.
 
     state = init(config, params)
     updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
     params = apply_updates(params, updates)
 
-Nothing is mutated; the optimizer class applies `updates` in place and keeps the returned state.
+`update` is pure and differentiable (meta-training). `update_` runs the very same math on the optimizer's
+fast path: it overwrites the moment buffers and may fill reused scratch buffers; the optimizer class adds
+the returned updates in place and keeps the returned state.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ TensorList = list[Tensor]
 _MIXES = ("softmax", "linear")
 _SCOPES = ("tensor", "global")
 _FEATURES = ("all", "none")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,10 @@ class Config:
     hidden: int = 32
     depth: int = 2
     embed_dim: int = 8
-    max_log_scale: float = 8.0  # s is soft-clipped to ±this so λ stays finite
+    max_log_scale: float = 3.0  # s is soft-clipped to ±this: λ deviates from the schedule by e^±3 at most
+    schedule: str = "cosine"  # base schedule b(t/T): "cosine" | "linear" decay after warm-up, or "constant"
+    warmup: float = 0.05  # fraction of the run spent warming b up linearly (cosine / linear schedules)
+    reference_horizon: int | None = None  # meta-training horizon: feeds the log(T / T_ref) feature
     hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
 
     def __post_init__(self) -> None:
@@ -56,9 +64,13 @@ class Config:
         if len(set(self.bases)) != len(self.bases):
             raise ValueError(f"bases contains duplicates: {self.bases}")
         for key, value, allowed in (("mix", self.mix, _MIXES), ("scope", self.scope, _SCOPES),
-                                    ("features", self.features, _FEATURES)):
+                                    ("features", self.features, _FEATURES), ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup!r}")
+        if not self.max_log_scale > 0:
+            raise ValueError(f"max_log_scale must be positive, got {self.max_log_scale!r}")
         if isinstance(self.hyper, dict):
             object.__setattr__(self, "hyper", base_lib.Hyper(**self.hyper))
 
@@ -119,18 +131,31 @@ def _index(config: Config, num_tensors: int, device: torch.device) -> Tensor | N
 def feature_matrix(config: Config, fs: features.FeatureState, step: int, total_steps: int | None,
                    num_tensors: int, device: torch.device) -> Tensor:
     """The mixer's input rows for the current feature state (zeros under the no-features ablation)."""
-    x = features.featurize(fs, step, total_steps, num_tensors, config.use_distance, device=device)
+    x = features.featurize(fs, step, total_steps, num_tensors, config.use_distance, config.reference_horizon,
+                           device=device)
     if config.scope == "global":  # one set of coefficients: feed the tensor-averaged features
         x = x.mean(0, keepdim=True).expand(num_tensors, -1)
     return torch.zeros_like(x) if config.features == "none" else x
 
 
-def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float) -> tuple[Tensor, Tensor]:
-    """(λ [T], μ [T, P]) from the feature rows."""
+def schedule(config: Config, step: int, total_steps: int | None) -> float:
+    """The base schedule b at update `step` (0-based) of a `total_steps` run; 1 when T is unknown."""
+    if config.schedule == "constant" or not total_steps:
+        return 1.0
+    warm = config.warmup * total_steps
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = min(1.0, (step - warm) / max(total_steps - warm, 1.0))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+
+
+def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float, step: int = 0,
+                 total_steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run."""
     s, logits = mixer.apply(meta, x, _index(config, x.shape[0], x.device))
     s = config.max_log_scale * torch.tanh(s / config.max_log_scale)
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
-    return lr * torch.exp(s), mix
+    return lr * schedule(config, step, total_steps) * torch.exp(s), mix
 
 
 def _scale(config: Config, base_scale: Tensor, d: TensorList, factor: float, grads: TensorList,
@@ -144,13 +169,13 @@ def _scale(config: Config, base_scale: Tensor, d: TensorList, factor: float, gra
 
 
 def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned: bool,
-                cache: dict) -> TensorList:
+                scratch: base_lib.Scratch) -> TensorList:
     """updates + d * scale. Under no_grad it reuses memory: an `owned` d (computed this step, read by
     nobody else) is scaled in place to become the sum, or handed back to the workspace once added."""
     if torch.is_grad_enabled():  # differentiable: nothing in place, 0-dim tensor coefficients
         scale = list(scale.unbind())
         return torch._foreach_mul(d, scale) if updates is None else torch._foreach_addcmul(updates, d, scale)
-    workspace = cache.get("workspace")
+    workspace = scratch.workspace
     # With a workspace (CPU) the coefficients become Python floats: per-tensor add_(alpha=) is a lighter
     # pass than addcmul_ with a broadcast 0-dim tensor, and .tolist() costs no device sync there.
     scale = list(scale.unbind()) if workspace is None else scale.tolist()
@@ -158,7 +183,7 @@ def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned:
         if owned:
             torch._foreach_mul_(d, scale)
             return d
-        return base_lib.fresh(cache, torch._foreach_mul, torch.mul, d, scale)
+        return base_lib.fresh(scratch, torch._foreach_mul, torch.mul, d, scale)
     if workspace is None:
         torch._foreach_addcmul_(updates, d, scale)
         return updates
@@ -179,18 +204,38 @@ def update(
     lr: Tensor | float,
     loss: Tensor | float | None = None,
     total_steps: int | None = None,
-    inplace: bool = False,
+) -> tuple[TensorList, State, Coefficients]:
+    """One L3RS step, pure: returns (updates to add to params, new state, coefficients used).
+
+    Nothing is mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph). This is what
+    meta-training unrolls."""
+    return _step(config, meta, grads, state, params, lr, loss, total_steps, inplace=False, workspace=None)
+
+
+def update_(
+    config: Config,
+    meta: mixer.Meta,
+    grads: TensorList,
+    state: State,
+    params: TensorList,
+    *,
+    lr: Tensor | float,
+    loss: Tensor | float | None = None,
+    total_steps: int | None = None,
     workspace: base_lib.Workspace | None = None,
 ) -> tuple[TensorList | None, State, Coefficients | None]:
-    """One L3RS step: returns (updates to add to params, new state, coefficients used).
+    """The same step on the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
+    OVERWRITTEN and returned in the new state; a non-finite gradient returns (None, state, None) before
+    touching anything. With a `workspace`, intermediates and the returned updates live in its reused buffers
+    (valid until its next step) instead of fresh tensors."""
+    return _step(config, meta, grads, state, params, lr, loss, total_steps, inplace=True,
+                 workspace=None if torch.is_grad_enabled() else workspace)
 
-    `inplace=True` is the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
-    overwritten, and a step with a non-finite gradient returns (None, state, None) before touching anything.
-    `workspace` (that path only; ignored otherwise) makes the step fill reused scratch buffers instead of
-    fresh tensors; the returned updates then live in it and are valid until its next step.
-    """
-    if not inplace or torch.is_grad_enabled():
-        workspace = None
+
+def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList,
+          lr: Tensor | float, loss: Tensor | float | None, total_steps: int | None, inplace: bool,
+          workspace: base_lib.Workspace | None) -> tuple[TensorList | None, State, Coefficients | None]:
+    """The one implementation of the math behind `update` (pure) and `update_` (in place)."""
     device = params[0].device
     sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=grads[0].dtype, device=device)
     grad_rms_raw = _rms(grads, sqrt_numel)
@@ -204,7 +249,7 @@ def update(
         distance = moved / torch.stack(torch._foreach_norm(moments.theta0)).clamp_min(1e-12)
     fs = features.observe(state.features, loss, grad_rms, _rms(params, sqrt_numel), distance)
     x = feature_matrix(config, fs, state.moments.step, total_steps, len(params), device)
-    lam, mix = coefficients(config, meta, x, lr)
+    lam, mix = coefficients(config, meta, x, lr, state.moments.step, total_steps)
     base_scale = -lam.unsqueeze(-1) * mix  # [T, P]
 
     # Directions computed this step are summed first (the first one becomes the sum, each later one frees
@@ -212,21 +257,21 @@ def update(
     # scratch buffers. Every path sums in this order, so meta-training and the optimizer round alike.
     if workspace is not None:
         workspace.reset()
-    cache: dict = {} if workspace is None else {"workspace": workspace}
+    scratch = base_lib.Scratch(workspace)
     borrowed = {id(t) for ts in (grads, params, *moments[1:]) if ts is not None for t in ts}
     updates: TensorList | None = None
     deferred = []
     for p, name in enumerate(config.bases):
-        cache["later"] = config.bases[p + 1 :]
-        d, factor = base_lib.scaled_direction(name, grads, moments, params, config.hyper, cache)
+        scratch.later = config.bases[p + 1 :]
+        d, factor = base_lib.scaled_direction(name, grads, moments, params, config.hyper, scratch)
         if any(id(t) in borrowed for t in d):
             deferred.append((p, d, factor))
             continue
         scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel)
-        updates = _accumulate(updates, d, scale, True, cache)
+        updates = _accumulate(updates, d, scale, True, scratch)
     for p, d, factor in deferred:
         scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel)
-        updates = _accumulate(updates, d, scale, False, cache)
+        updates = _accumulate(updates, d, scale, False, scratch)
     return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)
 
 

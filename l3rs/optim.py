@@ -26,7 +26,7 @@ from l3rs.functional import Config
 from l3rs.io import atomic_write
 
 FORMAT = "l3rs-optimizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: horizon-relative time features and a base schedule (1.x dirs are refused)
 WEIGHTS_FILE = "optimizer.safetensors"
 CONFIG_FILE = "optimizer.json"
 _GLOBAL = "l3rs"  # key of the optimizer-wide entry in self.state (step, feature EMAs, skipped steps)
@@ -61,10 +61,12 @@ class L3RS(torch.optim.Optimizer):
     Args:
         params: ``model.named_parameters()`` or param groups of (name, tensor) pairs. Tensors that do not
             require grad are skipped.
-        lr: λ0, the base step size; an untrained L3RS steps every tensor by exactly ``lr`` (per element,
-            with ``normalize=True``) along the uniform mix of its base directions.
+        lr: λ0, the base step size; an untrained L3RS steps every tensor by ``lr`` times the base schedule
+            (per element, with ``normalize=True``) along the uniform mix of its base directions.
         total_steps: the run's horizon, fed to the mixer as training progress (None: unknown).
-        bases, normalize, mix: see `l3rs.functional.Config`.
+        bases, normalize, mix, schedule: see `l3rs.functional.Config`. The untrained optimizer steps by
+            ``lr * b(t / total_steps)`` with b the base schedule (default: short warm-up, then cosine decay;
+            ``schedule="constant"`` keeps λ = lr; without ``total_steps`` it is constant too).
         unknown: what to do with tensors a pretrained optimizer has no embedding for: "error" or
             "mean" (use the mean embedding).
         config, meta: a full `Config` and meta-parameters (what `from_pretrained` passes).
@@ -89,6 +91,7 @@ class L3RS(torch.optim.Optimizer):
         bases: Iterable[str] | None = None,
         normalize: bool = True,
         mix: str = "softmax",
+        schedule: str = "cosine",
         unknown: str = "error",
         config: Config | None = None,
         meta: mixer.Meta | None = None,
@@ -103,7 +106,7 @@ class L3RS(torch.optim.Optimizer):
             raise ValueError(f"unknown must be one of {_UNKNOWN_POLICIES}, got {unknown!r}")
         if config is None:
             config = Config(bases=tuple(bases) if bases is not None else Config.bases, normalize=normalize,
-                            mix=mix)
+                            mix=mix, schedule=schedule)
         elif bases is not None:
             raise ValueError("pass either bases=... or config=..., not both")
         super().__init__(_named(params), {"lr": lr})
@@ -210,9 +213,9 @@ class L3RS(torch.optim.Optimizer):
         state = functional.State(self._moments(params), self._feature_state(subset))
         loss_value = loss.detach() if isinstance(loss, Tensor) else loss
         lr = self._lr0() if subset is None else self._lr0()[rows]
-        updates, new, _ = functional.update(
+        updates, new, _ = functional.update_(
             self.config, meta, grads, state, params, lr=lr, loss=loss_value, total_steps=self.total_steps,
-            inplace=True, workspace=self._workspace)
+            workspace=self._workspace)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss
@@ -227,7 +230,7 @@ class L3RS(torch.optim.Optimizer):
         """Current {param_name: {"lr": λ, "mix": {base: μ}}}, from the features as they stand now."""
         x = functional.feature_matrix(self.config, self._feature_state(None), self.step_count, self.total_steps,
                                       len(self._params), self._params[0].device)
-        lam, mix = functional.coefficients(self.config, self.meta, x, self._lr0())
+        lam, mix = functional.coefficients(self.config, self.meta, x, self._lr0(), self.step_count, self.total_steps)
         return {
             name: {"lr": float(lam[i]), "mix": {b: float(mix[i, j]) for j, b in enumerate(self.config.bases)}}
             for i, name in enumerate(self.param_names)
@@ -353,9 +356,13 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{doc_file} is not valid JSON: {e}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"{doc_file} is not an l3rs optimizer description (format != {FORMAT!r})")
-    if info.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{doc_file} has format version {info['format_version']}; this l3rs reads "
+    version = info.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{doc_file} has format version {version}; this l3rs reads "
                               f"up to {FORMAT_VERSION}: upgrade l3rs")
+    if version < FORMAT_VERSION:
+        raise CheckpointError(f"{doc_file} has format version {version}: its features and step-size "
+                              f"parameterization changed in version {FORMAT_VERSION}; meta-train it again")
     try:
         config = Config.from_dict(info["config"])
         names, shapes = info["tensor_names"], info["tensor_shapes"]

@@ -89,7 +89,7 @@ def test_normalized_single_base_steps_by_exactly_lr_per_element():
 
 def test_untrained_is_uniform_mix_with_step_size_lr():
     model = small_model()
-    opt = L3RS(model.named_parameters(), lr=3e-3, total_steps=10)
+    opt = L3RS(model.named_parameters(), lr=3e-3, total_steps=10, schedule="constant")
     train(model, opt, 3)
     coeffs = opt.coefficients()
     assert set(coeffs) == {n for n, _ in model.named_parameters()}
@@ -97,6 +97,25 @@ def test_untrained_is_uniform_mix_with_step_size_lr():
         assert c["lr"] == pytest.approx(3e-3)
         assert set(c["mix"]) == set(bases.DEFAULT)
         assert all(w == pytest.approx(0.2) for w in c["mix"].values())
+
+
+def test_untrained_step_size_follows_the_base_schedule_at_any_horizon():
+    """λ = lr · b(t/T): warm-up, then cosine decay to 0 at the end of the run, whatever T is."""
+    for total in (20, 100):
+        model = small_model()
+        opt = L3RS(model.named_parameters(), lr=1e-2, total_steps=total)
+        lrs = []
+        for _ in range(total):
+            train(model, opt, 1)
+            lrs.append(next(iter(opt.coefficients().values()))["lr"])
+        peak = max(range(total), key=lrs.__getitem__)
+        assert lrs[peak] == pytest.approx(1e-2, rel=0.02)
+        assert peak <= 0.1 * total  # warm-up is short
+        assert total < 50 or lrs[0] < 0.5 * lrs[peak]  # (20 steps: warm-up is over after one)
+        assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))  # then decays
+        assert lrs[-1] < 1e-4  # to (almost) zero at T
+        mid = lrs[total // 2 - 1]
+        assert mid == pytest.approx(5e-3, rel=0.1)
 
 
 # ------------------------------------------------------------------------------ bases

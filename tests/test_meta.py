@@ -79,7 +79,7 @@ def exploding_task() -> Task:
 
 def small(**kw) -> MetaConfig:
     base = dict(iterations=4, population=4, tasks_per_iteration=2, truncation=10, lr0=0.03, validate_every=2,
-                validation_seeds=1)
+                validation_seeds=1, horizon_range=(1.0, 1.0), validation_horizons=(1.0,))
     return MetaConfig(**{**base, **kw})
 
 
@@ -196,7 +196,7 @@ def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
 def _digits_config(**kw) -> MetaConfig:
     base = dict(estimator="bptt", horizon=30, truncation=10, iterations=6,
                 tasks_per_iteration=2, lr0=None, lr0_grid=(3e-4, 1e-3), lr0_seeds=1, validate_every=3,
-                validation_seeds=1, val_subset=256)
+                validation_seeds=1, val_subset=256, horizon_range=(1.0, 1.0), validation_horizons=(1.0,))
     return MetaConfig(**{**base, **kw})
 
 
@@ -237,7 +237,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_killed_run_resumes_bit_identically(tmp_path):
-    cfg = MetaConfig(estimator="pes", iterations=8, population=4, truncation=10, lr0=0.03)  # as _cli
+    cfg = MetaConfig(estimator="pes", iterations=8, population=4, truncation=10, lr0=0.03)  # as _cli (defaults)
     reference = train(stiff_task(), tmp_path / "ref", cfg, progress=False)
     stopped = tmp_path / "stopped"  # mid-horizon: the PES particles must come back from the checkpoint
     train(stiff_task(), stopped, replace(cfg, iterations=5), progress=False)

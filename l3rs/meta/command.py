@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 
-from l3rs.meta.config import ESTIMATORS, OBJECTIVES, MetaConfig
+from l3rs.functional import SCHEDULES, Config
+from l3rs.meta.config import ESTIMATOR_NAMES, OBJECTIVES, MetaConfig
 
 DEFAULT_BUDGET_MINUTES = 5.0
+MIN_BUDGET_MINUTES = 1.0  # below this the λ0 sweep and the first validation would not fit
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="built-in task name (see `l3rs tasks`) or package.module:function")
     parser.add_argument("--out", required=True,
                         help="output directory (best/, latest/, metrics.jsonl, checkpoint)")
-    parser.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator,
+    parser.add_argument("--estimator", choices=ESTIMATOR_NAMES, default=d.estimator,
                         help="bptt: truncated backprop (default; most progress per CPU-minute), "
                              "es: antithetic NES over full unrolls (the paper's), pes: persistent ES")
     parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
@@ -36,6 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="Adam step size on the meta-parameters")
     parser.add_argument("--truncation", type=int, default=d.truncation,
                         help="unroll length per iteration (pes, bptt)")
+    parser.add_argument("--horizon-range", default=",".join(f"{v:g}" for v in d.horizon_range),
+                        help="each run's length is drawn log-uniformly over LO,HI times the horizon and told "
+                             "to the optimizer (1,1: always the horizon)")
+    parser.add_argument("--end-weight", type=float, default=d.end_weight,
+                        help="weight of a truncation's objective at the end of its run (1 at the start; pes, bptt)")
+    parser.add_argument("--no-log-objective", action="store_true",
+                        help="estimate on the loss itself, not its log")
+    parser.add_argument("--validation-horizons", default=",".join(f"{v:g}" for v in d.validation_horizons),
+                        help="multiples of the horizon at which held-out validation picks the kept checkpoint")
+    parser.add_argument("--validate-every", type=int, default=d.validate_every,
+                        help="iterations between held-out validations (they pick the kept checkpoint)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=Config.schedule,
+                        help="base schedule the learned step size deviates from")
+    parser.add_argument("--max-log-scale", type=float, default=Config.max_log_scale,
+                        help="bound on the learned deviation: λ within λ0·b(t)·e^±this")
     parser.add_argument("--tasks-per-iteration", type=int, default=d.tasks_per_iteration,
                         help="tasks sampled from the family per iteration (their estimates are averaged)")
     parser.add_argument("--second-order", action="store_true",
@@ -52,22 +69,34 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
 def meta_config(args: argparse.Namespace) -> MetaConfig:
     """MetaConfig from parsed arguments (bad values become one-line usage errors)."""
     from l3rs.cli import UsageError
-    from l3rs.functional import Config
 
     budget = args.budget_minutes
+    if budget is not None and not budget >= MIN_BUDGET_MINUTES:
+        raise UsageError(f"meta-train: --budget-minutes must be at least {MIN_BUDGET_MINUTES:g} (got {budget:g})")
     if budget is None and args.iterations is None:
         budget = DEFAULT_BUDGET_MINUTES
     try:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
-        config = Config(bases=bases) if bases else Config()
+        config = Config(bases=bases or Config.bases, schedule=args.schedule, max_log_scale=args.max_log_scale)
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=args.iterations or 1_000_000, budget_minutes=budget,
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
+                          horizon_range=_floats(args.horizon_range, "--horizon-range"),
+                          validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
+                          end_weight=args.end_weight, log_objective=not args.no_log_objective,
+                          validate_every=args.validate_every,
                           workers=args.workers, device=args.device, config=config)
     except ValueError as e:
         raise UsageError(f"meta-train: {e}") from None

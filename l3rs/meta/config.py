@@ -7,7 +7,7 @@ from typing import Any
 
 from l3rs.functional import Config
 
-ESTIMATORS = ("es", "pes", "bptt")
+ESTIMATOR_NAMES = ("es", "pes", "bptt")
 OBJECTIVES = ("val_loss", "train_loss", "val_metric")
 
 
@@ -16,8 +16,14 @@ class MetaConfig:
     """How to meta-train. Defaults fit a few minutes on 2 CPU cores (see `l3rs meta-train --help`).
 
     population: antithetic pairs per iteration (es, pes); bptt runs `tasks_per_iteration` unrolls.
-    truncation: unroll length per iteration for pes and bptt (their horizon is split into truncations;
+    truncation: unroll length per iteration for pes and bptt (each run is split into truncations;
         their objective averages the per-truncation objectives, i.e. the area under the curve).
+    horizon_range: each fine-tuning run's length T is drawn log-uniformly over this range times the
+        horizon, and the optimizer is told T ((1, 1): always the horizon).
+    end_weight: a truncation's objective is weighted by 1 + (end_weight - 1) * progress (pes, bptt).
+    log_objective: estimators work on log(loss), so runs of any length and tasks of any scale weigh alike.
+    validation_horizons: the kept checkpoint ("best") is chosen by held-out validation at these multiples of
+        the horizon (mean of log(val loss / untrained val loss) over them).
     lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
@@ -32,12 +38,16 @@ class MetaConfig:
     meta_lr: float = 0.01
     clip: float = 1.0  # global-norm clip of the meta-gradient before Adam
     truncation: int = 25
+    horizon_range: tuple[float, float] = (0.5, 8.0)
+    end_weight: float = 3.0
+    log_objective: bool = True
+    validation_horizons: tuple[float, ...] = (1.0, 4.0)
     tasks_per_iteration: int = 2
     first_order: bool = True  # bptt: treat the model's gradients as constants (steadier, ~2x cheaper)
     lr0: float | None = None
     lr0_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     lr0_seeds: int = 2
-    validate_every: int = 5
+    validate_every: int = 20  # validations at 1x and 4x cost as much as ~10 iterations
     validation_seeds: int = 2
     val_subset: int | None = 512  # validation objectives read this fixed subset of val (None: all)
     seed: int = 0
@@ -46,8 +56,8 @@ class MetaConfig:
     config: Config = field(default_factory=Config)
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"estimator must be one of {ESTIMATOR_NAMES}, got {self.estimator!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "val_metric" and self.estimator == "bptt":
@@ -64,6 +74,15 @@ class MetaConfig:
         if self.lr0 is not None and not self.lr0 > 0:
             raise ValueError(f"lr0 must be positive, got {self.lr0!r}")
         object.__setattr__(self, "lr0_grid", tuple(float(v) for v in self.lr0_grid))
+        object.__setattr__(self, "horizon_range", tuple(float(v) for v in self.horizon_range))
+        object.__setattr__(self, "validation_horizons", tuple(float(v) for v in self.validation_horizons))
+        lo, hi = (self.horizon_range + (0.0, 0.0))[:2]
+        if len(self.horizon_range) != 2 or not 0 < lo <= hi:
+            raise ValueError(f"horizon_range must be (lo, hi) with 0 < lo <= hi, got {self.horizon_range!r}")
+        if not self.validation_horizons or min(self.validation_horizons) <= 0:
+            raise ValueError(f"validation_horizons must be positive multiples, got {self.validation_horizons!r}")
+        if not self.end_weight > 0:
+            raise ValueError(f"end_weight must be positive, got {self.end_weight!r}")
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", Config.from_dict(self.config))
 
@@ -71,6 +90,8 @@ class MetaConfig:
         d = asdict(self)
         d["config"] = self.config.to_dict()
         d["lr0_grid"] = list(self.lr0_grid)
+        d["horizon_range"] = list(self.horizon_range)
+        d["validation_horizons"] = list(self.validation_horizons)
         return d
 
     def result_keys(self) -> dict[str, Any]:

@@ -9,8 +9,8 @@ returned `Particle` (detached) into the next unroll.
 
 from __future__ import annotations
 
-import hashlib
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -20,13 +20,8 @@ from torch import Tensor
 from l3rs import features, functional, mixer
 from l3rs.bases import Moments
 from l3rs.functional import Config
+from l3rs.seeds import seed_of
 from l3rs.tasks import Task, TaskFamily, functional_model
-
-
-def seed_of(*parts: Any) -> int:
-    """A stable 61-bit seed from any parts (same on every process and machine, unlike hash())."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % 2**61
 
 
 class Particle(NamedTuple):
@@ -37,9 +32,18 @@ class Particle(NamedTuple):
     state: functional.State
 
 
-def _map(fn: Any, tree: Any) -> Any:
-    """Apply `fn` to every tensor of a (nested) particle or state."""
-    return torch.utils._pytree.tree_map(lambda t: fn(t) if isinstance(t, Tensor) else t, tree)
+def _map(fn: Callable[[Tensor], Tensor], particle: Particle) -> Particle:
+    """Apply `fn` to every tensor of a particle (parameters, buffers, moments, feature statistics)."""
+    moments, fs = particle.state.moments, particle.state.features
+
+    def each(tensors: list[Tensor] | None) -> list[Tensor] | None:
+        return None if tensors is None else [fn(t) for t in tensors]
+
+    moments = moments._replace(m=each(moments.m), v=each(moments.v), s=each(moments.s),
+                               theta0=each(moments.theta0))
+    fs = features.FeatureState(*(None if t is None else fn(t) for t in fs))
+    params = {k: fn(v) for k, v in particle.params.items()}
+    return Particle(params, {k: fn(v) for k, v in particle.buffers.items()}, functional.State(moments, fs))
 
 
 def _val_split(task: Task, val_subset: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -135,15 +139,19 @@ class Job(NamedTuple):
     run_seed: int  # head init, batches and in-model randomness
     vector: Tensor  # flat meta-parameters (already perturbed)
     lr0: float
-    steps: int
+    steps: int  # steps to run now (a truncation, or the whole run)
+    horizon: int  # length T of the fine-tuning run these steps belong to (the optimizer is told T)
     objective: str
     particle: Particle | None = None  # continue this truncated unroll (None: start from pretrained)
-    grad: bool = False  # also return d objective / d vector (truncated BPTT)
+    grad: bool = False  # also return d meta_objective / d vector (truncated BPTT)
     keep: bool = False  # return the particle at the end
+    weight: float = 1.0  # meta_objective = weight * transform(objective)
+    log: bool = False  # transform = log (losses of runs of any length and task weigh alike)
 
 
 class Result(NamedTuple):
-    objective: float
+    objective: float  # as measured (inf once the run diverged)
+    meta_objective: float  # weight * transform(objective): what the estimators difference or differentiate
     grad: Tensor | None
     particle: Particle | None
     steps: int
@@ -163,9 +171,9 @@ def single_thread():
 class Worker:
     """Runs jobs for one meta-training run; caches sampled tasks (sampling may subset data)."""
 
-    def __init__(self, family: TaskFamily, config: Config, horizon: int, first_order: bool,
-                 val_subset: int | None, device: str | None) -> None:
-        self.family, self.config, self.horizon = family, config, horizon
+    def __init__(self, family: TaskFamily, config: Config, first_order: bool, val_subset: int | None,
+                 device: str | None) -> None:
+        self.family, self.config = family, config
         self.first_order, self.val_subset, self.device = first_order, val_subset, device
         self._tasks: dict[int, Task] = {}
         self._like: mixer.Meta | None = None
@@ -191,13 +199,15 @@ class Worker:
         graph = ("first" if self.first_order else "second") if job.grad else None
         with single_thread():
             value, particle = unroll(task, meta, job.lr0, job.steps, job.run_seed, config=self.config,
-                                     horizon=self.horizon, objective=job.objective, particle=job.particle,
+                                     horizon=job.horizon, objective=job.objective, particle=job.particle,
                                      graph=graph, val_subset=self.val_subset, device=self.device)
+            meta_value = job.weight * (value.clamp_min(1e-12).log() if job.log else value)
             grad = None
-            if job.grad and value.requires_grad:
-                grad = torch.autograd.grad(value, vector)[0].detach()
+            if job.grad and meta_value.requires_grad and torch.isfinite(meta_value):
+                grad = torch.autograd.grad(meta_value, vector)[0].detach()
         steps = (particle.state.moments.step - (job.particle.state.moments.step if job.particle else 0))
-        return Result(float(value.detach()), grad, particle if job.keep else None, steps)
+        return Result(float(value.detach()), float(meta_value.detach()), grad, particle if job.keep else None,
+                      steps)
 
 
 # ------------------------------------------------------------------------------- particle <-> tensors

@@ -17,6 +17,10 @@ Task families (`l3rs.tasks.family(name)`); `get(name)` is the family's base task
   10-way head ``_fc``. Slow (~0.15 s/step at batch 32): small default batch and horizon. Train 3000 /
   val 500 / test 1000.
 
+Meta-training sees, besides head seeds, training subsets and pretraining seeds, mildly perturbed variants of
+the data for half of the sampled tasks (`data.perturb`: a random affine map within ±20°, ±10% scale, ±2 px,
+or a ±4 circular shift of 1-D signals, plus noise); the shifts below are held out of meta-training.
+
 Dataset shifts, usable as "unseen datasets" (same backbone, same splits, transformed data), for every
 family above: ``<name>:rotated`` (images rotated 90 degrees; 1-D signals time-reversed),
 ``<name>:inverted`` (images 1 - x before normalization; 1-D signals negated) and ``<name>:permuted``
@@ -31,9 +35,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..seeds import seed_of
 from . import data
 from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
-from .core import Task, TaskFamily, init_head, mix_seed, random_subset
+from .core import Task, TaskFamily, init_head, random_subset
 from .pretraining import pretrained_model
 
 Pair = tuple[Tensor, Tensor]
@@ -64,6 +69,7 @@ class Recipe:
     pretrain_seeds: tuple[int, ...] = (0,)
     held_out_seeds: tuple[int, ...] = ()
     subset: float = 0.75
+    perturbed: float = 0.5  # share of sampled meta-training tasks whose data is a `data.perturb` variant
     description: str = ""
 
 
@@ -171,7 +177,7 @@ def build_model(name: str, pretrain_seed: int, offset: int | None, seed: int) ->
     Module-level and used through functools.partial, so built-in tasks pickle (worker processes).
     """
     recipe = RECIPES[name]
-    head_seed = seed if offset is None else mix_seed(offset, seed)
+    head_seed = seed if offset is None else seed_of(offset, seed)
     return init_head(recipe.backbone(pretrain_seed), recipe.head, head_seed)
 
 
@@ -182,8 +188,10 @@ def _task(
     pretrain_seed: int,
     train: Pair | None = None,
     offset: int | None = None,
+    val: Pair | None = None,
+    test: Pair | None = None,
 ) -> Task:
-    tr, val, test = splits(recipe.name, shift)
+    tr, val_split, test_split = splits(recipe.name, shift)
     meta = {
         "pretrain_seed": pretrain_seed,
         "shift": shift,
@@ -197,8 +205,8 @@ def _task(
         name,
         functools.partial(build_model, recipe.name, pretrain_seed, offset),
         train if train is not None else tr,
-        val,
-        test,
+        val if val is not None else val_split,
+        test if test is not None else test_split,
         batch_size=recipe.batch_size,
         horizon=recipe.horizon,
         head=recipe.head,
@@ -211,14 +219,26 @@ def family_name(recipe: Recipe, shift: str | None, held_out: bool) -> str:
     return recipe.name + (f":{shift}" if shift else "") + (":heldout" if held_out else "")
 
 
+def _perturbed(recipe: Recipe, pairs: Splits, seed: int) -> Splits:
+    """A share `recipe.perturbed` of sampled tasks see a mild random variant of their data (train, val and
+    test alike): meta-training diversity, disjoint from the evaluation shifts."""
+    if (seed_of(seed, 13) % 1000) / 1000 >= recipe.perturbed:
+        return pairs
+    variant = seed_of(seed, 17)
+    return tuple((data.perturb(x, variant, seed_of(variant, i)), y)  # type: ignore[return-value]
+                 for i, (x, y) in enumerate(pairs))
+
+
 def sample_task(name: str, shift: str | None, held_out: bool, seed: int) -> Task:
-    """Task `seed` of a built-in family: a pretraining seed, a train subset and head seeds, all seeded."""
+    """Task `seed` of a built-in family: a pretraining seed, a train subset, head seeds and (for a share of
+    seeds) a perturbed variant of the data, all seeded."""
     recipe = RECIPES[name]
     pool = recipe.held_out_seeds if held_out else recipe.pretrain_seeds
-    pretrain_seed = pool[mix_seed(seed, 7) % len(pool)]
-    train = random_subset(splits(name, shift)[0], mix_seed(seed, 11), recipe.subset)
+    pretrain_seed = pool[seed_of(seed, 7) % len(pool)]
+    train, val, test = _perturbed(recipe, splits(name, shift), seed)
+    train = random_subset(train, seed_of(seed, 11), recipe.subset)
     fname = family_name(recipe, shift, held_out)
-    return _task(recipe, f"{fname}#{seed}", shift, pretrain_seed, train=train, offset=seed)
+    return _task(recipe, f"{fname}#{seed}", shift, pretrain_seed, train=train, offset=seed, val=val, test=test)
 
 
 def make_family(recipe: Recipe, shift: str | None = None, held_out: bool = False) -> TaskFamily:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from l3rs.seeds import seed_of
+
 Pair = tuple[Tensor, Tensor]
 SPLITS = ("train", "val", "test")
 
@@ -34,11 +36,6 @@ class UnknownTaskError(TaskError, KeyError):
 def accuracy(outputs: Tensor, targets: Tensor) -> Tensor:
     """Fraction of argmax predictions equal to the targets (a 0-d float tensor in [0, 1])."""
     return (outputs.argmax(dim=-1) == targets).float().mean()
-
-
-def mix_seed(a: int, b: int) -> int:
-    """Combine two seeds into one, so (family seed, head seed) pairs never collide in practice."""
-    return (int(a) * 1_000_003 + int(b)) % (2**62)
 
 
 def _check_pair(name: str, split: str, pair: object) -> Pair:
@@ -249,7 +246,7 @@ class _OffsetHeads:
         self.model_fn, self.offset = model_fn, offset
 
     def __call__(self, head_seed: int) -> nn.Module:
-        return self.model_fn(mix_seed(self.offset, head_seed))
+        return self.model_fn(seed_of(self.offset, head_seed))
 
 
 def offset_heads(task: Task, seed: int) -> Task:

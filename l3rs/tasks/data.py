@@ -8,6 +8,7 @@ Callers must not modify the returned tensors in place (they are shared through t
 from __future__ import annotations
 
 import functools
+import math
 import random
 
 import numpy as np
@@ -104,6 +105,34 @@ def select_classes(pair: Pair, classes: tuple[int, ...]) -> Pair:
     lut[torch.tensor(classes)] = torch.arange(len(classes))
     keep = lut[y] >= 0
     return x[keep], lut[y[keep]]
+
+
+# --- meta-training variants (never the evaluation shifts below) --------------------------------------
+def perturb(x: Tensor, seed: int, noise_seed: int) -> Tensor:
+    """A mild random variant of a whole split, for meta-training diversity: images get one random affine
+    map (rotation within ±20°, scale 0.9-1.1, shift up to ±2 px at 28 px) and 1-D signals a random
+    circular shift (±4); then Gaussian noise of up to 0.3 input standard deviations.
+
+    `seed` fixes the variant (the same for a task's train, val and test); `noise_seed` the noise draws.
+    Disjoint from the evaluation shifts: no 90° rotation, no inversion, no relabelling.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    if x.dim() >= 4:
+        angle, scale = math.radians(uniform(-20, 20)), uniform(0.9, 1.1)
+        shift = [uniform(-0.15, 0.15), uniform(-0.15, 0.15)]
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=x.dtype).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        background = x.amin()  # pad with the background value, not zero (inputs are normalized)
+        x = F.grid_sample(x - background, grid, align_corners=False) + background
+    else:
+        x = torch.roll(x, round(uniform(-4, 4)), dims=-1)
+    sigma = uniform(0.0, 0.3) * float(x.std())
+    return x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(noise_seed), dtype=x.dtype)
 
 
 # --- dataset shifts ("unseen datasets") -------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The two entry points of the L3RS step: `update` (pure, differentiable) and `update_` (in place, the
+optimizer's fast path) are one implementation and must agree step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l3rs import bases, functional
+
+
+def _problem(seed: int = 0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(16, 8), (16,), (4, 16), (4,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * (1 + k % 3) for s in shapes] for k in range(8)]
+    return params, grads
+
+
+@pytest.mark.parametrize("base_set", [bases.DEFAULT, ("nesterov", "adabelief", "to_init", "ortho", "adam")])
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_pure_and_in_place_steps_agree_step_by_step(base_set, with_workspace):
+    config = functional.Config(bases=base_set)
+    gen = torch.Generator().manual_seed(1)
+    meta = {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in config.init_meta(4).items()}
+    params, grads = _problem()
+    pure_params, pure_state = [p.clone() for p in params], functional.init(config, params)
+    fast_params, fast_state = [p.clone() for p in params], functional.init(config, params)
+    workspace = bases.Workspace() if with_workspace else None
+    for k, g in enumerate(grads):
+        loss = 1.0 / (k + 1)
+        before = [t.clone() for t in pure_state.moments.m or []]
+        updates, pure_state, _ = functional.update(config, meta, g, pure_state, pure_params, lr=1e-2, loss=loss,
+                                                  total_steps=len(grads))
+        pure_params = functional.apply_updates(pure_params, updates)
+        with torch.no_grad():
+            fast_updates, fast_state, _ = functional.update_(config, meta, g, fast_state, fast_params, lr=1e-2,
+                                                             loss=loss, total_steps=len(grads), workspace=workspace)
+            torch._foreach_add_(fast_params, fast_updates)
+        for a, b in zip(pure_params, fast_params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        if k > 0 and before:  # the pure step returned new moments and left the old ones alone
+            assert not any(torch.equal(x, y) for x, y in zip(before, pure_state.moments.m, strict=True))
+
+
+def test_in_place_step_overwrites_the_moments_and_skips_non_finite_gradients():
+    config = functional.Config()
+    params, grads = _problem()
+    state = functional.init(config, params)
+    m_buffers = state.moments.m
+    with torch.no_grad():
+        _, new, _ = functional.update_(config, config.init_meta(4), grads[0], state, params, lr=1e-2)
+        assert all(a is b for a, b in zip(new.moments.m, m_buffers, strict=True))  # same buffers, new values
+        assert any(t.abs().sum() > 0 for t in m_buffers)
+        snapshot = [t.clone() for t in m_buffers]
+        bad = [g.clone() for g in grads[1]]
+        bad[2][0, 0] = float("nan")
+        updates, same, coeffs = functional.update_(config, config.init_meta(4), bad, new, params, lr=1e-2)
+    assert updates is None and coeffs is None and same is new
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, m_buffers, strict=True))

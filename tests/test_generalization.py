@@ -1,0 +1,147 @@
+"""The mechanisms behind horizon and shift generalization: horizon-relative time, the base schedule,
+sampled run lengths with their own restarts, end-weighted log objectives, multi-horizon checkpoint
+selection, and perturbed meta-training data disjoint from the evaluation shifts."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from test_meta import H, small, stiff_task
+
+from l3rs import L3RS, features, functional
+from l3rs.meta import MetaConfig, train
+from l3rs.meta.estimators import Context, bptt, draw_horizon, end_weight
+from l3rs.meta.train import validation_score
+from l3rs.meta.unroll import Worker
+from l3rs.optim import CheckpointError, load_meta
+from l3rs.tasks import TaskFamily, builtin, data
+
+
+def test_time_features_depend_on_progress_not_on_the_step_count():
+    short = features.time_features(50, 100, 100, torch.float32, "cpu")
+    long = features.time_features(250, 500, 100, torch.float32, "cpu")
+    assert torch.equal(short[:-1], long[:-1])  # same progress: same clock
+    assert short[-1] == 0 and long[-1] == pytest.approx(math.log(5) / math.log(8))  # told T / T_ref
+    huge = features.time_features(5, 10**6, 100, torch.float32, "cpu")
+    assert huge[-1] == 1.5  # clipped: no input far outside what meta-training saw
+    unknown = features.time_features(5, None, 100, torch.float32, "cpu")
+    assert unknown.abs().sum() == 0
+
+
+def test_base_schedule_is_warmup_then_decay_over_progress():
+    config = functional.Config()
+    values = [functional.schedule(config, t, 200) for t in range(200)]
+    assert values[0] < 0.2 and max(values) == pytest.approx(1.0, abs=0.01)
+    assert values[-1] < 1e-3 and values[100] == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 90 / 190), abs=1e-6)
+    assert functional.schedule(config, 7, None) == 1.0  # unknown horizon: constant
+    assert functional.schedule(functional.Config(schedule="constant"), 150, 200) == 1.0
+    assert functional.schedule(functional.Config(schedule="linear", warmup=0.0), 50, 100) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        functional.Config(schedule="step")
+
+
+def test_sampled_horizons_are_log_uniform_over_the_range_and_pure():
+    ctx = Context(MetaConfig(horizon_range=(0.5, 8.0)), horizon=40, lr0=1e-3)
+    draws = [draw_horizon(ctx, "bptt", 0, k) for k in range(400)]
+    assert min(draws) >= 20 and max(draws) <= 320
+    assert statistics.median(draws) == pytest.approx(80, rel=0.2)  # geometric mean of 20 and 320
+    assert sum(d > 160 for d in draws) == pytest.approx(100, abs=35)  # the top quarter in log scale
+    assert draws == [draw_horizon(ctx, "bptt", 0, k) for k in range(400)]
+    fixed = Context(MetaConfig(horizon_range=(1.0, 1.0)), horizon=40, lr0=1e-3)
+    assert {draw_horizon(fixed, "bptt", 0, k) for k in range(5)} == {40}
+
+
+def test_end_weight_grows_with_progress():
+    cfg = MetaConfig(end_weight=3.0)
+    assert end_weight(cfg, 0, 100) == 1.0 and end_weight(cfg, 50, 100) == 2.0 and end_weight(cfg, 100, 100) == 3.0
+
+
+def test_truncated_slots_run_their_own_horizons_and_restart_there():
+    cfg = small(estimator="bptt", horizon_range=(0.5, 2.0), truncation=10, tasks_per_iteration=2)
+    ctx = Context(cfg, horizon=H, lr0=0.03)
+    worker = Worker(TaskFamily.of(stiff_task()), cfg.config, cfg.first_order, cfg.val_subset, None)
+    seen: list = []
+
+    def run(jobs):
+        seen.append(jobs)
+        return [worker(job) for job in jobs]
+
+    vector = functional.mixer.flatten(cfg.config.init_meta(2))
+    particles = None
+    for iteration in range(14):
+        particles = bptt(ctx, vector, iteration, particles, run).particles
+    horizons = {(slot, job.horizon) for jobs in seen for slot, job in enumerate(jobs)}
+    assert len({h for _, h in horizons}) >= 3  # runs of several lengths
+    for slot in range(2):
+        done, previous = 0, None
+        for jobs in seen:
+            job = jobs[slot]
+            start = job.particle.state.moments.step if job.particle is not None else 0
+            assert start + job.steps <= job.horizon  # never past its own T
+            if start == 0 and previous is not None:  # a restart: only once the previous run reached its T
+                assert done == previous.horizon
+            else:
+                assert start == done and (previous is None or job.horizon == previous.horizon)
+            done, previous = start + job.steps, job
+        assert particles.runs[slot] >= 1  # ... and every slot has restarted at least once
+    weights = [job.weight for jobs in seen for job in jobs]
+    assert min(weights) >= 1.0 and max(weights) == pytest.approx(cfg.end_weight)
+
+
+def test_validation_score_compares_every_horizon_to_the_untrained_optimizer():
+    assert validation_score([0.2, 0.1], [0.2, 0.1]) == 0.0
+    assert validation_score([0.1, 0.2], [0.2, 0.1]) == pytest.approx(0.0)  # a gain at 1x, a loss at 4x
+    assert validation_score([0.1, 0.05], [0.2, 0.1]) == pytest.approx(math.log(0.5))
+    assert validation_score([0.1, math.inf], [0.2, 0.1]) == math.inf
+
+
+def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
+    cfg = small(estimator="bptt", iterations=4, validate_every=2, validation_horizons=(1.0, 2.0),
+                horizon_range=(0.5, 2.0))
+    best = train(stiff_task(), tmp_path, cfg, progress=False)
+    info = json.loads((best / "optimizer.json").read_text())
+    assert info["validation_horizons"] == [H, 2 * H]
+    assert len(info["validation_by_horizon"]) == len(info["untrained_validation_by_horizon"]) == 2
+    expected = validation_score(info["validation_by_horizon"], info["untrained_validation_by_horizon"])
+    assert info["validation_score"] == pytest.approx(expected) and info["validation_score"] <= 0
+    assert info["config"]["reference_horizon"] == H  # the optimizer knows the horizon it was trained around
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["validation_score"] is not None for r in lines[1:]] == [False, True, False, True]
+
+
+def test_an_old_format_optimizer_is_refused_with_its_version(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    L3RS(model.named_parameters(), lr=1e-3).save_pretrained(tmp_path)
+    doc = json.loads((tmp_path / "optimizer.json").read_text())
+    (tmp_path / "optimizer.json").write_text(json.dumps({**doc, "format_version": 1}))
+    with pytest.raises(CheckpointError, match="format version 1"):
+        load_meta(tmp_path)
+
+
+# ------------------------------------------------------------------------- data for shift generalization
+def test_perturbed_variants_are_mild_seeded_and_not_the_evaluation_shifts():
+    x = builtin.splits("mnistcnn-digits")[1][0][:64]
+    a, b = data.perturb(x, 3, 0), data.perturb(x, 3, 0)
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+
+    def corr(u: torch.Tensor, v: torch.Tensor) -> float:
+        u, v = u.flatten() - u.mean(), v.flatten() - v.mean()
+        return float(u @ v / (u.norm() * v.norm()))
+
+    for seed in range(8):  # closer to the original than the held-out shifts are
+        variant = data.perturb(x, seed, 1)
+        assert corr(variant, x) > corr(data.rotate(x), x) + 0.15
+        assert corr(variant, x) > corr(data.invert(x), x) + 0.15
+
+
+def test_half_of_the_sampled_tasks_see_perturbed_data_and_shifts_stay_out():
+    base_val = builtin.splits("mnistcnn-digits")[1][0]
+    family = builtin.make_family(builtin.RECIPES["mnistcnn-digits"])
+    perturbed = [not torch.equal(family.sample(seed).val[0], base_val) for seed in range(40)]
+    assert 10 <= sum(perturbed) <= 30
+    for seed in range(6):  # labels never relabelled: the "permuted" shift stays held out
+        assert torch.equal(family.sample(seed).val[1], builtin.splits("mnistcnn-digits")[1][1])
