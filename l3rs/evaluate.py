@@ -1,10 +1,13 @@
 """Is a meta-trained L3RS optimizer worth it? Compare it with LR-tuned baselines, honestly; write a report.
 
-    result = evaluate("runs/opt/best", "mlp-mnist1d-shift", "runs/eval", horizons=(1, 2, 5), seeds=3)
+    result = evaluate("runs/opt/best", "mlp-mnist1d-shift", "runs/eval", horizons=(1, 2, 5), seeds=5)
 
 Protocol (SPEC §6). Every baseline gets its LR tuned on the validation split, at the evaluated horizon, by a
-log grid (extended past an edge when the best LR sits on it), on a tuning head seed (999) that is neither a
-meta-training seed nor an evaluation seed (1000, 1001, ...). Methods:
+log grid (extended past an edge when the best LR sits on it), by the mean final validation loss over two
+tuning head seeds (999, 998) that are neither meta-training nor evaluation seeds (1000, 1001, ...). Every
+method then runs on the same evaluation seeds, i.e. the same head initialization and batch order (paired).
+Validation uses the task's whole validation split (<= 1,000 examples for the built-in tasks), at least
+`MIN_EVAL_POINTS` times per run. Methods:
 
 - baselines: SGD-momentum(0.9) and AdamW x {constant, cosine} x {one LR, head LR = lr x {3, 10, 30}};
   `atmo`, a fixed mix of the SGD and Adam directions (mix and LR tuned), built from L3RS itself with a
@@ -16,8 +19,11 @@ meta-training seed nor an evaluation seed (1000, 1001, ...). Methods:
 Scenarios: the task at each horizon multiple of the meta-training horizon, plus each "unseen" variant (the
 task layer's rotated / inverted / label-permuted data, held-out pretraining seeds, or any other task spec)
 at 1x. Speed-up = steps the best tuned baseline needs to reach its own final validation loss (mean curve over
-seeds) / steps the method needs to reach it. Costs (steps, seconds) count the baselines' sweeps per scenario
-against L3RS's one-off meta-training. Everything lands in ``out_dir/evaluation.json`` + report.md/html.
+seeds) / steps the method needs to reach it. Against the best tuned baseline every method gets the ratio of
+mean final validation losses and the speed-up, each with a 95% paired-bootstrap interval over the evaluation
+seeds, and a verdict read from the ratio's interval: better (hi < 1), worse (lo > 1), else tie. Costs (steps,
+seconds) count the baselines' sweeps per scenario against L3RS's one-off meta-training. Everything lands in
+``out_dir/evaluation.json`` + report.md/html.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from l3rs.io import machine, save_json
 from l3rs.mixer import depth
 from l3rs.optim import L3RS, load_meta
 
-TUNE_SEED = 999  # head seed of every tuning run
+FORMAT_VERSION = 2  # of evaluation.json (2: tuning on several seeds, intervals and verdicts)
+TUNE_SEEDS = (999, 998)  # head seeds of every tuning run: a candidate's score is its mean final val loss
 EVAL_SEED = 1000  # evaluation seeds are EVAL_SEED, EVAL_SEED + 1, ... (disjoint from meta-training seeds)
 SGD_GRID = tuple(float(x) for x in np.logspace(-3, 0, 7))  # 1e-3 ... 1, half-decade steps
 ADAM_GRID = tuple(float(x) for x in np.logspace(-4.5, -1.5, 7))  # 3e-5 ... 3e-2 (also λ0 of L3RS mixes)
@@ -52,6 +59,9 @@ HEAD_MULTIPLIERS = (3.0, 10.0, 30.0)
 ATMO_MIXES = (0.1, 0.25, 0.75, 0.9)  # Adam's share of the mix, tried at the best LR of the 0.5 sweep
 ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global")
 SHIFTS = ("heldout", "rotated", "inverted", "permuted")
+MIN_EVAL_POINTS = 30  # validation points per run: resolves a 1.1x speed-up
+RESAMPLES = 4000  # paired-bootstrap resamples (>= 2000 keeps the 2.5% tails stable)
+BOOTSTRAP_SEED = 0  # fixed: the same runs always give the same intervals
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,7 @@ class Runner:
     def __init__(self, task: Any, steps: int, config: Config, bar: Any = None, device: Any = None,
                  workers: int = 1) -> None:
         self.task, self.steps, self.config, self.bar, self.device = task, steps, config, bar, device
-        self.eval_every = max(1, steps // 12)  # ~12 points per curve: validation passes cost steps too
+        self.eval_every = max(1, steps // MIN_EVAL_POINTS)
         self.workers = workers
         self._cache: dict[tuple, RunResult] = {}
         self._pool: Any = None
@@ -218,7 +228,8 @@ class Runner:
 
 @dataclass
 class Tuned:
-    """A method's chosen hyper-parameters and every trial that chose them (tuning seed, final val loss)."""
+    """A method's chosen hyper-parameters and every trial that chose them (mean final val loss over the
+    tuning seeds, and each seed's)."""
 
     hp: dict[str, float]
     trials: list[dict[str, Any]]
@@ -235,29 +246,35 @@ class Tuned:
         return {"hp": self.hp, "trials": self.trials, "steps": self.steps, "seconds": self.seconds}
 
 
-def _trial(runner: Runner, method: Method, hp: dict[str, float]) -> dict[str, Any]:
-    res = runner.run(method, hp, TUNE_SEED)
-    return {"hp": hp, "val_loss": res.final_val_loss, "steps": len(res.train_loss), "seconds": res.seconds}
+def score(runner: Runner, method: Method, settings: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Score each hyper-parameter setting by its mean final validation loss over the tuning seeds."""
+    runner.prefetch([(method, hp, seed, False) for hp in settings for seed in TUNE_SEEDS])
+    out = []
+    for hp in settings:
+        runs = [runner.run(method, hp, seed) for seed in TUNE_SEEDS]
+        losses = [r.final_val_loss for r in runs]
+        out.append({"hp": hp, "val_loss": float(np.mean(losses)), "val_losses": losses,
+                    "steps": sum(len(r.train_loss) for r in runs), "seconds": sum(r.seconds for r in runs)})
+    return out
 
 
-def _best(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    return min(trials, key=lambda t: t["val_loss"])  # first of ties; diverged runs (inf) lose
+def _best(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(scored, key=lambda t: t["val_loss"])  # first of ties; diverged runs (inf) lose
 
 
 def sweep_lr(runner: Runner, method: Method, hp: dict[str, float],
              grid: Sequence[float]) -> list[dict[str, Any]]:
-    """Final validation loss at every LR of the log grid, extended past an edge while the best sits on it."""
+    """Score every LR of the log grid, extended past an edge while the best sits on it."""
     lrs = sorted(grid)
-    runner.prefetch([(method, {**hp, "lr": lr}, TUNE_SEED, False) for lr in lrs])
-    trials = {lr: _trial(runner, method, {**hp, "lr": lr}) for lr in lrs}
+    scored = dict(zip(lrs, score(runner, method, [{**hp, "lr": lr} for lr in lrs]), strict=True))
     for _ in range(MAX_EXTEND):
-        best = _best([trials[lr] for lr in lrs])["hp"]["lr"]
+        best = _best([scored[lr] for lr in lrs])["hp"]["lr"]
         if best not in (lrs[0], lrs[-1]) or len(lrs) < 2:
             break
         new = lrs[0] ** 2 / lrs[1] if best == lrs[0] else lrs[-1] ** 2 / lrs[-2]
-        trials[new] = _trial(runner, method, {**hp, "lr": new})
-        lrs = sorted(trials)
-    return [trials[lr] for lr in lrs]
+        scored[new] = score(runner, method, [{**hp, "lr": new}])[0]
+        lrs = sorted(scored)
+    return [scored[lr] for lr in lrs]
 
 
 def tune(runner: Runner, method: Method) -> Tuned:
@@ -265,15 +282,13 @@ def tune(runner: Runner, method: Method) -> Tuned:
     if not method.tuned:
         return Tuned({}, [])
     base = {"mix": 0.5} if method.kind == "atmo" else {"head": 1.0} if method.head else {}
-    trials = sweep_lr(runner, method, base, SGD_GRID if method.kind == "sgd" else ADAM_GRID)
-    best = _best(trials)["hp"]
+    scored = sweep_lr(runner, method, base, SGD_GRID if method.kind == "sgd" else ADAM_GRID)
+    best = _best(scored)["hp"]
     if method.head:  # multiplier 1 is the sweep's best run: a head LR never has to look worse than one LR
-        runner.prefetch([(method, {**best, "head": m}, TUNE_SEED, False) for m in HEAD_MULTIPLIERS])
-        trials += [_trial(runner, method, {**best, "head": m}) for m in HEAD_MULTIPLIERS]
+        scored += score(runner, method, [{**best, "head": m} for m in HEAD_MULTIPLIERS])
     if method.kind == "atmo":
-        runner.prefetch([(method, {**best, "mix": a}, TUNE_SEED, False) for a in ATMO_MIXES])
-        trials += [_trial(runner, method, {**best, "mix": a}) for a in ATMO_MIXES]
-    return Tuned(_best(trials)["hp"], trials)
+        scored += score(runner, method, [{**best, "mix": a} for a in ATMO_MIXES])
+    return Tuned(_best(scored)["hp"], scored)
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -303,16 +318,29 @@ class Speedup:
                 "ratio": self.ratio, "text": str(self), "steps_text": self.steps_text}
 
 
-def _first_at_or_below(curve: Sequence[float], target: float, steps: Sequence[int]) -> int | None:
-    return next((s for v, s in zip(curve, steps, strict=True) if v <= target), None)
+def first_reach(curves: np.ndarray, targets: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+    """Per row of `curves` [R, G] (sampled at `steps`), the first step at or below that row's target; 0: never."""
+    hit = curves <= targets[:, None]
+    return np.where(hit.any(axis=1), np.asarray(steps)[hit.argmax(axis=1)], 0)
+
+
+def speedup_ratios(baseline_curves: np.ndarray, candidate_curves: np.ndarray,
+                   steps: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise (steps the baseline needs to reach its own final value, speed-up; 0 when never reached)."""
+    targets = baseline_curves[:, -1]
+    base = first_reach(baseline_curves, targets, steps)
+    base = np.where(base > 0, base, steps[-1])  # a NaN final value: count the whole run
+    reach = first_reach(candidate_curves, targets, steps)
+    return base, np.divide(base, reach, out=np.zeros(len(reach)), where=reach > 0)
 
 
 def speedup(baseline_curve: Sequence[float], candidate_curve: Sequence[float],
             steps: Sequence[int]) -> Speedup:
     """Speed-up of a candidate over a baseline; both validation-loss curves are sampled at `steps`."""
-    target = baseline_curve[-1]
-    return Speedup(_first_at_or_below(baseline_curve, target, steps) or steps[-1],
-                   _first_at_or_below(candidate_curve, target, steps), steps[-1])
+    candidate = np.asarray([candidate_curve], dtype=float)
+    base, _ = speedup_ratios(np.asarray([baseline_curve], dtype=float), candidate, steps)
+    reach = int(first_reach(candidate, np.asarray([baseline_curve[-1]], dtype=float), steps)[0])
+    return Speedup(int(base[0]), reach or None, steps[-1])
 
 
 def eval_grid(steps: int, eval_every: int) -> list[int]:
@@ -338,13 +366,61 @@ def _stats(values: list[float | None]) -> dict[str, float | None]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of the final numbers (diverged runs are counted, not averaged)."""
+    """Mean and std over seeds of the final numbers (diverged runs are counted, not averaged); the final
+    validation loss also gets the 95% bootstrap interval of its mean."""
     ok = [r for r in runs if not r["diverged"]]
-    return {"val_loss": _stats([r["val_loss"][-1] for r in ok]),
+    val_loss = [r["val_loss"][-1] for r in ok]
+    return {"val_loss": {**_stats(val_loss), "ci95": mean_ci(val_loss)},
             "val_metric": _stats([r["val_metric"][-1] for r in ok]),
             "test_metric": _stats([r["test_metric"] for r in ok]),
             "seconds": _stats([r["seconds"] for r in runs]),
             "diverged": len(runs) - len(ok), "seeds": len(runs)}
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def resample(num_seeds: int) -> np.ndarray:
+    """[RESAMPLES, num_seeds] seed indices drawn with replacement, from a fixed seed. Every method of a
+    comparison is indexed by the same draw, so the bootstrap keeps the pairing by seed."""
+    return np.random.default_rng(BOOTSTRAP_SEED).integers(0, num_seeds, size=(RESAMPLES, num_seeds))
+
+
+def interval(samples: np.ndarray) -> list[float]:
+    """The central 95% of bootstrap samples; observed values, not interpolated ones, so inf stays inf."""
+    return [float(q) for q in np.quantile(samples, [0.025, 0.975], method="inverted_cdf")]
+
+
+def mean_ci(values: Sequence[float]) -> list[float] | None:
+    """95% bootstrap interval of the mean of the finite `values` (None when there are none)."""
+    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    return interval(finite[resample(len(finite))].mean(axis=1)) if len(finite) else None
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):  # a diverged mean is inf: the ratio says so
+        return np.asarray(numerator / denominator, dtype=float)
+
+
+def verdict(ratio_ci95: Sequence[float]) -> str:
+    """better when the whole interval of the loss ratio lies below 1, worse when above, else tie."""
+    lo, hi = ratio_ci95
+    return "better" if hi < 1 else "worse" if lo > 1 else "tie"
+
+
+def compare(curves: np.ndarray, best_curves: np.ndarray, steps: Sequence[int]) -> dict[str, Any]:
+    """A method vs the best tuned baseline, paired by evaluation seed (row i of both = seed i).
+
+    `curves` [seeds, points]: validation-loss curves sampled at `steps` (inf from where a run diverged).
+    Ratio = mean final loss / the baseline's; speed-up as `speedup` on the mean curves (0: never reaches the
+    baseline's final loss). Both get a 95% paired-bootstrap interval.
+    """
+    final, best_final = curves[:, -1], best_curves[:, -1]
+    draw = resample(len(final))
+    ratio = float(_ratio(final.mean(), best_final.mean()))
+    ratio_ci = interval(_ratio(final[draw].mean(axis=1), best_final[draw].mean(axis=1)))
+    _, speed = speedup_ratios(best_curves.mean(axis=0, keepdims=True), curves.mean(axis=0, keepdims=True), steps)
+    _, speeds = speedup_ratios(best_curves[draw].mean(axis=1), curves[draw].mean(axis=1), steps)
+    return {"ratio": ratio, "ratio_ci95": ratio_ci, "speedup": float(speed[0]), "speedup_ci95": interval(speeds),
+            "verdict": verdict(ratio_ci)}
 
 
 # ----------------------------------------------------------------------------------------- scenarios
@@ -406,9 +482,12 @@ def run_scenario(sc: Scenario, steps: int, methods: list[Method], seeds: int, co
                      "val_metric": mean_curve(r["runs"], "val_metric", grid, 0.0)} for name, r in out.items()}
     pool = [m.name for m in methods if m.is_baseline] or [m.name for m in methods]
     best = min(pool, key=lambda n: curves[n]["val_loss"][-1])
+    seed_curves = {name: np.array([aligned(run, "val_loss", grid, math.inf) for run in r["runs"]])
+                   for name, r in out.items()}
     for name, r in out.items():
         r["mean_curves"] = curves[name]
         r["speedup"] = speedup(curves[best]["val_loss"], curves[name]["val_loss"], grid).to_dict()
+        r["vs_best"] = compare(seed_curves[name], seed_curves[best], grid)
     return {"label": sc.label, "task": sc.task.name, "variant": sc.variant, "multiple": sc.multiple,
             "steps": steps, "eval_steps": grid, "best_baseline": best, "methods": out}
 
@@ -437,7 +516,7 @@ def planned_runs(methods: list[Method], seeds: int) -> int:
     """Runs per scenario, for the progress bar's ETA (grid extensions past an edge add a few)."""
     sweeps = {(m.kind, m.cosine) for m in methods if m.tuned}
     extra = sum(len(HEAD_MULTIPLIERS) * m.head + len(ATMO_MIXES) * (m.kind == "atmo") for m in methods)
-    return len(sweeps) * len(SGD_GRID) + extra + seeds * len(methods)
+    return (len(sweeps) * len(SGD_GRID) + extra) * len(TUNE_SEEDS) + seeds * len(methods)
 
 
 def _check_names(names: Sequence[str]) -> list[str]:
@@ -452,7 +531,7 @@ def evaluate(
     task_or_spec: Any,
     out_dir: str | os.PathLike,
     horizons: Sequence[float] = (1, 2, 5),
-    seeds: int = 3,
+    seeds: int = 5,
     baselines: Sequence[str] = tuple(BASELINES),
     ablations: bool = False,
     shifts: Sequence[str] | None = None,
@@ -497,13 +576,16 @@ def evaluate(
     from l3rs import report  # here, not at the top: report imports this module's helpers
 
     result = {
+        "format_version": FORMAT_VERSION,
         "settings": {"optimizer": str(optimizer_dir), "task": _spec_name(task_or_spec) or plan[0].task.name,
                      "horizons": list(horizons), "base_horizon": t0, "seeds": seeds,
-                     "eval_seeds": list(range(EVAL_SEED, EVAL_SEED + seeds)), "tune_seed": TUNE_SEED,
+                     "eval_seeds": list(range(EVAL_SEED, EVAL_SEED + seeds)), "tune_seeds": list(TUNE_SEEDS),
                      "baselines": names, "ablations": ablations,
                      "shifts": [sc.variant for sc in plan if sc.variant],
                      "grids": {"sgd": SGD_GRID, "adam": ADAM_GRID}, "head_multipliers": HEAD_MULTIPLIERS,
-                     "atmo_mixes": ATMO_MIXES, "device": str(device or "cpu")},
+                     "atmo_mixes": ATMO_MIXES, "device": str(device or "cpu"),
+                     "min_eval_points": MIN_EVAL_POINTS,
+                     "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95}},
         "machine": machine(),
         "optimizer": {"info": {k: v for k, v in info.items() if k not in ("tensor_names", "tensor_shapes")},
                       "meta_train_seconds": meta_seconds},
@@ -545,7 +627,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", required=True, help="output dir (evaluation.json, report.md/html, plots/)")
     parser.add_argument("--horizons", default="1,2,5",
                         help="multiples of the meta-training horizon (default 1,2,5)")
-    parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds per method (default 3)")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="evaluation seeds per method, shared by all methods (default 5)")
     parser.add_argument("--baselines", default="all",
                         help=f"comma-separated subset of: {', '.join(BASELINES)} (default all)")
     parser.add_argument("--ablations", action="store_true",

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from l3rs.report import vs_best_text
+
 DEFAULT_TASK = "mnistcnn-digits"
 DEFAULT_OUT = "runs/quickstart"
 DEFAULT_BUDGET_MINUTES = 12.0
@@ -103,6 +105,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "l3rs_test_acc": ours["summary"]["test_metric"]["mean"],
             "baseline_test_acc": theirs["summary"]["test_metric"]["mean"],
             "speedup": ours["speedup"]["ratio"], "speedup_text": ours["speedup"]["text"],
+            "ratio": ours["vs_best"]["ratio"], "ratio_ci95": ours["vs_best"]["ratio_ci95"],
+            "speedup_ci95": ours["vs_best"]["speedup_ci95"], "verdict": ours["vs_best"]["verdict"],
             "lower_val_loss": (ours["summary"]["val_loss"]["mean"] or math.inf)
             < (theirs["summary"]["val_loss"]["mean"] or math.inf),
             "baselines_sweep_seconds": sum(m["tuning"]["seconds"] for m in sc["methods"].values()
@@ -113,16 +117,21 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(head: dict[str, Any]) -> None:
-    print("\n| scenario | best tuned baseline | its val loss | L3RS val loss | speed-up | L3RS lower? |")
-    print("|---|---|---|---|---|---|")
+    print("\n| scenario | best tuned baseline | its val loss | L3RS val loss | loss ratio [95% CI] | "
+          "speed-up [95% CI] | verdict |")
+    print("|---|---|---|---|---|---|---|")
     for r in head["rows"]:
-        print(f"| {r['scenario']} | {r['best_baseline']} | {r['baseline_val_loss']:.4f} ± "
-              f"{r['baseline_val_loss_std']:.4f} | {r['l3rs_val_loss']:.4f} ± {r['l3rs_val_loss_std']:.4f} | "
-              f"{r['speedup_text']} | {'yes' if r['lower_val_loss'] else 'no'} |")
+        ratio, speed = vs_best_text({**r, "speedup": r["speedup"] or 0.0})
+        print(f"| {r['scenario']} | {r['best_baseline']} | {_pm(r['baseline_val_loss'], r['baseline_val_loss_std'])}"
+              f" | {_pm(r['l3rs_val_loss'], r['l3rs_val_loss_std'])} | {ratio} | {speed} | {r['verdict']} |")
     row = head["rows"][0]
     meta = head["meta_train_seconds"] or 0.0
     print(f"\ncost at the meta-training horizon: L3RS meta-training {meta:.0f} s + one run "
           f"{row['l3rs_run_seconds']:.1f} s vs the baselines' LR sweeps {row['baselines_sweep_seconds']:.0f} s")
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return "—" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,

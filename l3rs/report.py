@@ -253,15 +253,38 @@ def _hp(hp: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def _ci(interval: list[float] | None, digits: int = 4, unit: str = "") -> str:
+    if interval is None:
+        return "—"
+    return "[" + ", ".join(_number(v, digits, unit) for v in interval) + "]"
+
+
+def _number(value: float | None, digits: int, unit: str = "") -> str:
+    """A figure as text; a speed-up of 0 means the method never reached the target."""
+    if value is None or (unit == "x" and value == 0):
+        return "never" if unit == "x" else "—"
+    return f"{value:.{digits}g}{unit}" if math.isfinite(value) else "inf"
+
+
+def vs_best_text(vs: dict[str, Any]) -> tuple[str, str]:
+    """(loss ratio with its interval, speed-up with its interval) against the best tuned baseline."""
+    return (f"{_number(vs['ratio'], 3)} {_ci(vs['ratio_ci95'], 3)}",
+            f"{_number(vs['speedup'], 3, 'x')} {_ci(vs['speedup_ci95'], 3, 'x')}")
+
+
 def summary_table(sc: dict[str, Any]) -> Block:
-    headers = ["method", "tuned hyper-parameters", "final val loss", "val acc", "test acc",
-               f"steps to {sc['best_baseline']}'s final val loss", "speed-up", "run s", "diverged"]
+    best = sc["best_baseline"]
+    headers = ["method", "tuned hyper-parameters", "final val loss", "95% CI", f"loss ratio vs {best} [95% CI]",
+               f"speed-up vs {best} [95% CI]", "verdict", "val acc", "test acc",
+               f"steps to {best}'s final val loss", "run s", "diverged"]
     rows = []
     for name, m in sc["methods"].items():
-        s, sp = m["summary"], m["speedup"]
+        s, sp, vs = m["summary"], m["speedup"], m["vs_best"]
+        ratio, speed = vs_best_text(vs) if name != best else ("1 (reference)", "1x (reference)")
         rows.append([f"**{name}**" if name == "l3rs" else name, _hp(m["hp"]), _pm(s["val_loss"]),
-                     _pm(s["val_metric"]), _pm(s["test_metric"]), sp["steps_text"], sp["text"],
-                     _pm(s["seconds"], 2), f"{s['diverged']}/{s['seeds']}"])
+                     _ci(s["val_loss"].get("ci95")), ratio, speed, vs["verdict"] if name != best else "—",
+                     _pm(s["val_metric"]), _pm(s["test_metric"]), sp["steps_text"], _pm(s["seconds"], 2),
+                     f"{s['diverged']}/{s['seeds']}"])
     return ("table", headers, rows)
 
 
@@ -283,22 +306,23 @@ def cost_table(result: dict[str, Any]) -> Block:
     return ("table", headers, rows)
 
 
+VERDICT_WORDS = {"better": "better than", "worse": "worse than", "tie": "tied with"}
+
+
 def verdict(sc: dict[str, Any]) -> str:
-    """One honest sentence per scenario: L3RS against the best tuned baseline, with the seed noise."""
-    best, ours = sc["methods"][sc["best_baseline"]]["summary"], sc["methods"]["l3rs"]["summary"]
+    """One honest sentence per scenario: L3RS against the best tuned baseline, read from the intervals."""
+    best, ours = sc["methods"][sc["best_baseline"]]["summary"], sc["methods"]["l3rs"]
     head = f"{sc['label']}: "
-    if ours["val_loss"]["mean"] is None:
+    if ours["summary"]["val_loss"]["mean"] is None:
         return head + f"L3RS diverged on every seed; best tuned baseline {sc['best_baseline']} reached " \
                       f"{_pm(best['val_loss'])}."
-    diff = ours["val_loss"]["mean"] - (best["val_loss"]["mean"] if best["val_loss"]["mean"] is not None
-                                       else math.inf)
-    noise = max(ours["val_loss"]["std"], best["val_loss"]["std"] or 0.0)
-    word = "better than" if diff < -noise else "worse than" if diff > noise else "within seed noise of"
-    sp = sc["methods"]["l3rs"]["speedup"]["text"]
-    caveat = " (one seed: no noise estimate)" if ours["seeds"] < 2 else ""
-    return (head + f"L3RS final val loss {_pm(ours['val_loss'])} is **{word}** the best tuned baseline "
-            f"{sc['best_baseline']} ({_pm(best['val_loss'])}){caveat}; speed-up {sp}; test acc "
-            f"{_pm(ours['test_metric'])} vs {_pm(best['test_metric'])}.")
+    vs = ours["vs_best"]
+    ratio, speed = vs_best_text(vs)
+    caveat = " (one seed: the intervals are empty)" if ours["summary"]["seeds"] < 2 else ""
+    return (head + f"L3RS is **{VERDICT_WORDS[vs['verdict']]}** the best tuned baseline {sc['best_baseline']}: "
+            f"final val loss {_pm(ours['summary']['val_loss'])} vs {_pm(best['val_loss'])}, ratio {ratio} (95% CI)"
+            f"{caveat}; speed-up {speed}; test acc {_pm(ours['summary']['test_metric'])} vs "
+            f"{_pm(best['test_metric'])}.")
 
 
 # -------------------------------------------------------------------------------------------- document
@@ -311,7 +335,8 @@ def blocks(result: dict[str, Any], plots: dict[str, str]) -> list[Block]:
               + f", horizon {st['base_horizon']} steps, "
               f"{result['optimizer']['meta_train_seconds'].get('l3rs', 0.0):.0f} s of meta-training). "
               f"Horizons ×{', ×'.join(f'{h:g}' for h in st['horizons'])}; {st['seeds']} evaluation seeds "
-              f"({st['eval_seeds'][0]}…); baselines tuned on seed {st['tune_seed']}. "
+              f"({st['eval_seeds'][0]}…, shared by every method); baselines tuned on the mean of seeds "
+              f"{', '.join(str(s) for s in st['tune_seeds'])}. "
               f"Machine: {mach['platform']}, {mach['cpu_count']} CPUs, torch {mach['torch']}, "
               f"device {st['device']}. Total time {result['seconds']:.0f} s."),
         ("h2", "Verdict"),
@@ -339,6 +364,12 @@ def blocks(result: dict[str, Any], plots: dict[str, str]) -> list[Block]:
                       f"{', '.join(f'{m:g}' for m in st['atmo_mixes'])} at the best LR.",
                       "Speed-up: steps the best tuned baseline needs to reach its own final validation loss "
                       "(mean curve over seeds) / steps the method needs; '>T' = never within the run.",
+                      f"Intervals: 95% paired bootstrap over the evaluation seeds ({st['bootstrap']['resamples']} "
+                      f"resamples, seed {st['bootstrap']['seed']}); loss ratio = method's mean final validation "
+                      "loss / the best tuned baseline's; verdict better if the ratio's whole interval is below 1, "
+                      "worse if above 1, else tie; speed-up 'never' = not within the run.",
+                      f"Validation on the task's whole validation split, at least {st['min_eval_points']} "
+                      "points per run (every step for shorter runs).",
                       "accuracy = the task's metric (accuracy unless the task sets metric_fn).",
                       "Every curve and setting is in evaluation.json."])]
     return out

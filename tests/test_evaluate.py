@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,7 +85,10 @@ def test_sgd_tuning_picks_the_analytic_best_lr() -> None:
     assert tuned.hp["lr"] == pytest.approx(0.1)  # 1/h, an interior point of the grid
     assert len(tuned.trials) == len(ev.SGD_GRID) >= 7
     assert min(t["val_loss"] for t in tuned.trials) == pytest.approx(0.0, abs=1e-10)
-    assert tuned.steps == len(ev.SGD_GRID) and tuned.seconds > 0
+    assert len(ev.TUNE_SEEDS) >= 2 and tuned.steps == len(ev.SGD_GRID) * len(ev.TUNE_SEEDS) and tuned.seconds > 0
+    for t in tuned.trials:  # scored by the mean over the tuning seeds
+        assert len(t["val_losses"]) == len(ev.TUNE_SEEDS)
+        assert t["val_loss"] == pytest.approx(sum(t["val_losses"]) / len(ev.TUNE_SEEDS))
 
 
 def test_tuning_extends_the_grid_past_an_edge() -> None:
@@ -161,6 +165,67 @@ def test_mean_curve_of_a_diverged_run_is_infinite_after_it_stopped() -> None:
     assert ev.mean_curve([ok, bad], "val_loss", [2, 4, 6], float("inf")) == [0.9, float("inf"), float("inf")]
 
 
+# ----------------------------------------------------------------------------------------- statistics
+def seed_curves(finals: list[float], points: int = 10, compress: float = 1.0) -> np.ndarray:
+    """Per seed, a linear decline from 1 to `final` over `points` steps, done `compress` times as fast."""
+    t = np.minimum(1.0, compress * np.arange(1, points + 1) / points)
+    return np.array([1 - (1 - f) * t for f in finals])
+
+
+GRID = list(range(10, 101, 10))
+BEST = [0.30, 0.42, 0.25, 0.36, 0.50]  # the best baseline's final val loss on five evaluation seeds
+
+
+def test_clearly_lower_loss_is_better_with_a_tight_interval() -> None:
+    ours = [0.5 * v + 0.01 * (-1) ** i for i, v in enumerate(BEST)]
+    vs = ev.compare(seed_curves(ours), seed_curves(BEST), GRID)
+    assert vs["ratio"] == pytest.approx(sum(ours) / sum(BEST))
+    lo, hi = vs["ratio_ci95"]
+    assert 0.45 < lo <= vs["ratio"] <= hi < 0.56 and vs["verdict"] == "better"
+
+
+def test_clearly_higher_loss_is_worse() -> None:
+    vs = ev.compare(seed_curves([2 * v for v in BEST]), seed_curves(BEST), GRID)
+    assert vs["ratio_ci95"] == pytest.approx([2.0, 2.0]) and vs["verdict"] == "worse"
+
+
+def test_noise_either_way_is_a_tie_although_the_means_differ() -> None:
+    ours = [v + d for v, d in zip(BEST, [-0.1, 0.08, -0.09, 0.07, -0.02], strict=True)]  # mean 0.988x
+    vs = ev.compare(seed_curves(ours), seed_curves(BEST), GRID)
+    lo, hi = vs["ratio_ci95"]
+    assert vs["ratio"] < 1 and lo < 1 < hi and vs["verdict"] == "tie"
+
+
+def test_verdict_reads_only_the_interval() -> None:
+    assert [ev.verdict(ci) for ci in ([0.5, 0.99], [1.01, 3.0], [0.9, 1.1], [0.5, 1.0])] == \
+        ["better", "worse", "tie", "tie"]
+
+
+def test_twice_as_fast_on_every_seed_is_a_speedup_of_two() -> None:
+    vs = ev.compare(seed_curves(BEST, compress=2.0), seed_curves(BEST), GRID)
+    assert vs["speedup"] == pytest.approx(2.0) and vs["speedup_ci95"] == pytest.approx([2.0, 2.0])
+    assert vs["ratio"] == pytest.approx(1.0) and vs["verdict"] == "tie"
+
+
+def test_a_diverged_seed_makes_the_method_worse_and_never_reach() -> None:
+    curves = seed_curves(BEST)
+    curves[2, 4:] = np.inf  # seed 2 diverged at step 50
+    vs = ev.compare(curves, seed_curves(BEST), GRID)
+    assert vs["ratio"] == np.inf and vs["speedup"] == 0.0
+    assert vs["ratio_ci95"][1] == np.inf and vs["speedup_ci95"][0] == 0.0
+
+
+def test_bootstrap_is_deterministic_and_matches_the_normal_interval() -> None:
+    values = np.random.default_rng(7).normal(3.0, 1.0, size=400).tolist()
+    lo, hi = ev.mean_ci(values)
+    half = 1.96 * np.std(values, ddof=1) / np.sqrt(len(values))
+    assert lo == pytest.approx(np.mean(values) - half, abs=0.2 * half)
+    assert hi == pytest.approx(np.mean(values) + half, abs=0.2 * half)
+    assert ev.mean_ci(values) == [lo, hi] and ev.RESAMPLES >= 2000
+    assert ev.mean_ci([0.2, 0.2, 0.2]) == pytest.approx([0.2, 0.2])
+    assert ev.mean_ci([float("inf")]) is None
+
+
 def test_ablations_are_meta_trained_with_their_configs(tiny: str, opt_dir: str, tmp_path) -> None:
     info = {**l3rs.optim.load_meta(opt_dir)["info"], "meta_config": {
         "iterations": 1, "population": 1, "lr0": 1e-2, "validate_every": 1, "validation_seeds": 1}}
@@ -189,8 +254,16 @@ def test_cli_evaluate_end_to_end(tiny: str, opt_dir: str, tmp_path, capsys) -> N
             assert [r["seed"] for r in m["runs"]] == [1000, 1001]
             assert all(len(r["train_loss"]) == sc["steps"] and r["val_loss"] and r["test_metric"] is not None
                        for r in m["runs"])
-        assert sc["methods"]["adamw"]["tuning"]["steps"] >= 7 * sc["steps"]
+        assert sc["methods"]["adamw"]["tuning"]["steps"] >= 7 * len(ev.TUNE_SEEDS) * sc["steps"]
         assert sc["methods"]["l3rs"]["tuning"]["steps"] == 0
+        assert sc["eval_steps"] == list(range(1, sc["steps"] + 1))  # short runs: validated after every step
+        for m in sc["methods"].values():
+            lo, hi = m["summary"]["val_loss"]["ci95"]
+            assert lo <= m["summary"]["val_loss"]["mean"] <= hi
+            assert m["vs_best"]["verdict"] in ("better", "tie", "worse")
+            assert len(m["vs_best"]["ratio_ci95"]) == len(m["vs_best"]["speedup_ci95"]) == 2
+        assert sc["methods"][sc["best_baseline"]]["vs_best"]["ratio"] == 1.0
+    assert result["format_version"] == ev.FORMAT_VERSION
     assert result["optimizer"]["meta_train_seconds"]["l3rs"] == 12.5
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for name in methods:
@@ -237,7 +310,7 @@ def test_parallel_runner_matches_sequential(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     task = l3rs.tasks.get("examples.user_task:make_task")
     method = ev.BASELINES["adamw"]
-    requests = [(method, {"lr": lr}, ev.TUNE_SEED, False) for lr in (1e-3, 1e-2)]
+    requests = [(method, {"lr": lr}, ev.TUNE_SEEDS[0], False) for lr in (1e-3, 1e-2)]
     parallel = ev.Runner(task, steps=5, config=l3rs.Config(), workers=2)
     try:
         parallel.prefetch(requests)
