@@ -5,6 +5,8 @@
 `make_optimizer(named_parameters, total_steps)` returns a torch optimizer, or (optimizer, lr_scheduler).
 L3RS gets the loss through ``step(loss=...)``; other optimizers step plainly. `on_step(step, optimizer)`, if
 given, is called after every optimizer (and scheduler) step, e.g. to record what the optimizer did.
+Optimizers that evaluate other weights than they train (schedule-free, iterate averaging) expose `train()` /
+`eval()`: the loop calls `eval()` right before every evaluation and `train()` right after it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def finetune(
     model.train()
     made = make_optimizer(model.named_parameters(), steps)
     opt, sched = made if isinstance(made, tuple) else (made, None)
+    _switch(opt, "train")
     res = RunResult(seed=seed)
     for step, (x, y) in enumerate(task.batches(seed, steps), start=1):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -96,17 +99,27 @@ def finetune(
         if on_step is not None:
             on_step(step, opt)
         if eval_every and step % eval_every == 0 and step != steps:
+            _switch(opt, "eval")
             _record(task, model, res, step)
+            _switch(opt, "train")
     if res.diverged:
         res.eval_steps.append(len(res.train_loss))
         res.val_loss.append(math.inf)
         res.val_metric.append(0.0)
     else:
+        _switch(opt, "eval")  # the run is over: its result is the evaluated weights
         _record(task, model, res, steps)
         if test and task.test is not None:
             res.test_metric = task.evaluate(model, split="test")["metric"]
     res.seconds = time.perf_counter() - start
     return res
+
+
+def _switch(opt: Any, mode: str) -> None:
+    """Call `opt.train()` / `opt.eval()` where the optimizer has them (plain torch optimizers do not)."""
+    switch = getattr(opt, mode, None)
+    if callable(switch):
+        switch()
 
 
 def _record(task: Any, model: torch.nn.Module, res: RunResult, step: int) -> None:

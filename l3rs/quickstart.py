@@ -35,7 +35,7 @@ DEFAULT_BUDGET_MINUTES = 12.0
 HORIZONS = (1, 2, 5)
 SHIFT = "rotated"
 # The baselines a quickstart can afford (the full protocol: `l3rs evaluate --baselines all`).
-BASELINES = ("adamw", "adamw-cosine-head", "sgd-cosine-head", "l3rs-untrained")
+BASELINES = ("adamw", "adamw-cosine-head", "sgd-cosine-head", "l3rs-untrained", "schedulefree-adamw", "prodigy")
 META_SHARE = 0.45  # of the budget left after preparing; the evaluation's runs get the rest
 # Fine-tuning steps per run: shorter than the task's default so that the whole protocol (LR sweeps of every
 # baseline at 1x, 2x and 5x this horizon, 3 seeds each) fits in ~10 minutes on 2 cores.
@@ -79,7 +79,7 @@ def step_seconds(task: Any, steps: int = 15) -> float:
 
 def evaluation_steps(base_horizon: int, seeds: int, baselines: tuple[str, ...]) -> int:
     """Fine-tuning steps the evaluation will run (every scenario's sweeps and seeds)."""
-    methods = [Method("l3rs", "l3rs")] + [ALL_BASELINES[n] for n in baselines]
+    methods = [Method("l3rs", "l3rs", tuned=False)] + [ALL_BASELINES[n] for n in baselines]
     per_scenario = planned_runs(methods, seeds)
     return per_scenario * base_horizon * (sum(HORIZONS) + 1)
 

@@ -14,7 +14,7 @@ from l3rs import results
 from l3rs.cli import main
 from l3rs.evaluate import BASELINES, evaluate, methods, protocol, stats, tuning
 from l3rs.evaluate.runs import RunRequest, ScenarioRunner
-from l3rs.finetune import RunResult
+from l3rs.finetune import RunResult, finetune
 from l3rs.io import save_json
 from l3rs.tasks import Task
 
@@ -106,6 +106,53 @@ def test_atmo_is_a_constant_mix_of_sgd_and_adam() -> None:
     for c in opt.coefficients().values():
         assert c["lr"] == pytest.approx(0.02)
         assert c["mix"] == pytest.approx({"sgd": 0.25, "adam": 0.75})
+
+
+LR_FREE = {"schedulefree-adamw": {}, "schedulefree-adamw-tuned": {"lr": 1e-2}, "prodigy": {}, "dog": {},
+           "ldog": {}}
+
+
+@pytest.mark.parametrize("name", LR_FREE)
+def test_lr_free_baselines_lower_the_loss(tiny: str, name: str) -> None:
+    task = l3rs.tasks.get(tiny)
+    before = task.evaluate(task.model_fn(1000))["loss"]
+    make = methods.make_optimizer(BASELINES[name], LR_FREE[name], task.head, l3rs.Config())
+    run = finetune(task, make, steps=30, seed=1000, eval_every=10)
+    assert not run.diverged and run.final_val_loss < before
+    assert BASELINES[name].tuned == name.endswith("-tuned")
+
+
+def test_untuned_baselines_cost_no_sweep() -> None:
+    runner = ScenarioRunner(quadratic(10.0), steps=1, config=l3rs.Config())
+    for name in ("schedulefree-adamw", "prodigy", "dog", "ldog"):
+        assert tuning.tune(runner, BASELINES[name]) == tuning.tuning({}, [])
+    assert not runner.cache
+    lr_free = [BASELINES[n] for n in ("schedulefree-adamw", "prodigy", "dog", "ldog")]
+    assert tuning.planned_runs(lr_free, seeds=5) == 5 * len(lr_free)
+
+
+def test_iterate_average_evaluates_the_average_and_trains_the_iterates() -> None:
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = methods.IterateAverage(torch.optim.SGD([w], lr=1.0), gamma=0.0)  # γ = 0: the plain running mean
+    for _ in range(4):
+        opt.zero_grad()
+        (-w.sum()).backward()  # every step adds 1
+        opt.step()
+    opt.eval()
+    assert torch.allclose(w, torch.full((3,), 2.5))  # mean of the iterates 1, 2, 3, 4
+    opt.train()
+    assert torch.allclose(w, torch.full((3,), 4.0))
+
+
+def test_schedule_free_is_evaluated_at_its_averaged_weights(tiny: str) -> None:
+    task = l3rs.tasks.get(tiny)
+    make = methods.make_optimizer(BASELINES["schedulefree-adamw"], {}, task.head, l3rs.Config())
+    modes: list[bool] = []
+    model = task.model_fn(1000)
+    run = finetune(task, make, steps=6, seed=1000, eval_every=2, model=model,
+                   on_step=lambda step, opt: modes.append(opt.param_groups[0]["train_mode"]))
+    assert modes == [True] * 6  # back in train mode after each evaluation
+    assert run.final_val_loss == pytest.approx(task.evaluate(model)["loss"])  # the run ends at the eval weights
 
 
 # ------------------------------------------------------------------------------------------- speed-up

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
-from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method
+from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -160,10 +160,10 @@ def evaluate(
     for scenario in plan:
         _check_fits(optimizer_dir, scenario.task)
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = [Method("l3rs", "l3rs", path=str(optimizer_dir))]
+    methods = [meta_trained("l3rs", optimizer_dir)]
     if ablations:
         paths = meta_train_ablations(config, info, task_or_spec, out_dir, budget_minutes, progress)
-        methods += [Method(name, "l3rs", path=str(p)) for name, p in paths.items()]
+        methods += [meta_trained(name, p) for name, p in paths.items()]
     methods += [BASELINES[n] for n in names]
     meta_seconds = {m.name: float(load_meta(m.path)["info"].get("meta_train_seconds") or 0.0)
                     for m in methods if m.kind == "l3rs"}

@@ -14,8 +14,9 @@ def plus_minus(stat: Stat, digits: int = 4) -> str:
     return "—" if stat.mean is None else f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
 
 
-def _hp(hp: dict[str, float]) -> str:
-    parts = [f"lr={hp['lr']:.2g}"] if "lr" in hp else ["none (meta-trained)"]
+def _hp(hp: dict[str, float], kind: str) -> str:
+    untuned = "none (meta-trained)" if kind == "l3rs" else "none (package defaults)"
+    parts = [f"lr={hp['lr']:.2g}"] if "lr" in hp else [untuned]
     if "head" in hp:
         parts.append(f"head lr ×{hp['head']:g}")
     if "mix" in hp:
@@ -49,8 +50,9 @@ def summary_table(scenario: ScenarioResult) -> Block:
     for name, method in scenario.methods.items():
         summary = method.summary
         ratio, speed = vs_best_text(method.vs_best) if name != best else ("1 (reference)", "1x (reference)")
-        rows.append([f"**{name}**" if name == "l3rs" else name, _hp(method.hp), plus_minus(summary.val_loss),
-                     _interval(summary.val_loss.ci95), ratio, speed, method.vs_best.verdict if name != best else "—",
+        verdict_text = method.vs_best.verdict if name != best else "—"
+        rows.append([f"**{name}**" if name == "l3rs" else name, _hp(method.hp, method.kind),
+                     plus_minus(summary.val_loss), _interval(summary.val_loss.ci95), ratio, speed, verdict_text,
                      plus_minus(summary.val_metric), plus_minus(summary.test_metric), method.speedup.steps_text,
                      plus_minus(summary.seconds, 2), f"{summary.diverged}/{summary.seeds}"])
     return ("table", headers, rows)
