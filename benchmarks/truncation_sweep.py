@@ -10,12 +10,13 @@ the learning rate the quickstart's sweep picks at 1x (1e-3), and report the spee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
 from l3rs import L3RS, meta, tasks
-from l3rs.evaluate import speedup
+from l3rs.evaluate.stats import speedup
 from l3rs.finetune import finetune
 from l3rs.io import machine
 
@@ -41,7 +42,8 @@ def main() -> None:
                               validation_seeds=3, truncation=k)
         best = meta.train(family, f"{args.out}/t{k}", cfg, progress=False)
         ours, _ = mean_curve(task, lambda named, total, best=best: L3RS.from_pretrained(best, named, total_steps=total))
-        rows.append({"truncation": k, "l3rs_val_loss": ours, "speedup": speedup(adamw, ours, steps).to_dict()})
+        gain = dataclasses.asdict(speedup(adamw, ours, steps))
+        rows.append({"truncation": k, "l3rs_val_loss": ours, "speedup": gain})
     print(json.dumps({"eval_steps": steps, "adamw_val_loss": adamw, "rows": rows, "machine": machine()}, indent=1))
 
 

@@ -16,8 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tasks": ("l3rs.tasks.command", "list the built-in tasks"),
     "pretrain": ("l3rs.tasks.command", "pretrain (and cache) a built-in backbone"),
     "meta-train": ("l3rs.meta.command", "meta-train an L3RS optimizer on a task"),
-    "evaluate": ("l3rs.evaluate", "compare a meta-trained optimizer with tuned baselines; write a report"),
-    "inspect": ("l3rs.report", "plot what a saved optimizer learned (λ and μ per tensor over time)"),
+    "evaluate": ("l3rs.evaluate.command", "compare a meta-trained optimizer with tuned baselines; write a report"),
+    "inspect": ("l3rs.report.command", "plot what a saved optimizer learned (λ and μ per tensor over time)"),
     "quickstart": ("l3rs.quickstart", "the whole story on the default task, on 2 CPU cores"),
 }
 

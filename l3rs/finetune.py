@@ -3,7 +3,10 @@
     result = finetune(task, make_optimizer, steps=200, seed=0, eval_every=20)
 
 `make_optimizer(named_parameters, total_steps)` returns a torch optimizer, or (optimizer, lr_scheduler).
-L3RS gets the loss through ``step(loss=...)``; other optimizers step plainly.
+L3RS gets the loss through ``step(loss=...)``; other optimizers step plainly. `on_step(step, optimizer)`, if
+given, is called after every optimizer (and scheduler) step, e.g. to record what the optimizer did.
+Optimizers that evaluate other weights than they train (schedule-free, iterate averaging) expose `train()` /
+`eval()`: the loop calls `eval()` right before every evaluation and `train()` right after it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import torch
 from l3rs.optim import L3RS
 
 MakeOptimizer = Callable[[Any, int], Any]
+OnStep = Callable[[int, Any], None]
 
 
 @dataclass
 class RunResult:
     """Curves and final numbers of one run (val_* curves are sampled at `eval_steps`)."""
 
+    seed: int = 0
     train_loss: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -40,9 +45,6 @@ class RunResult:
     @property
     def final_val_metric(self) -> float:
         return self.val_metric[-1] if self.val_metric else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__}
 
 
 def _evaluate(task: Any, model: torch.nn.Module, split: str) -> tuple[float, float]:
@@ -61,6 +63,7 @@ def finetune(
     test: bool = False,
     device: torch.device | str | None = None,
     model: torch.nn.Module | None = None,
+    on_step: OnStep | None = None,
 ) -> RunResult:
     """Fine-tune `task.model_fn(seed)` for `steps` steps on batches seeded by `seed`.
 
@@ -75,7 +78,8 @@ def finetune(
     model.train()
     made = make_optimizer(model.named_parameters(), steps)
     opt, sched = made if isinstance(made, tuple) else (made, None)
-    res = RunResult()
+    _switch(opt, "train")
+    res = RunResult(seed=seed)
     for step, (x, y) in enumerate(task.batches(seed, steps), start=1):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
@@ -92,18 +96,30 @@ def finetune(
             opt.step()
         if sched is not None:
             sched.step()
+        if on_step is not None:
+            on_step(step, opt)
         if eval_every and step % eval_every == 0 and step != steps:
+            _switch(opt, "eval")
             _record(task, model, res, step)
+            _switch(opt, "train")
     if res.diverged:
         res.eval_steps.append(len(res.train_loss))
         res.val_loss.append(math.inf)
         res.val_metric.append(0.0)
     else:
+        _switch(opt, "eval")  # the run is over: its result is the evaluated weights
         _record(task, model, res, steps)
         if test and task.test is not None:
             res.test_metric = task.evaluate(model, split="test")["metric"]
     res.seconds = time.perf_counter() - start
     return res
+
+
+def _switch(opt: Any, mode: str) -> None:
+    """Call `opt.train()` / `opt.eval()` where the optimizer has them (plain torch optimizers do not)."""
+    switch = getattr(opt, mode, None)
+    if callable(switch):
+        switch()
 
 
 def _record(task: Any, model: torch.nn.Module, res: RunResult, step: int) -> None:

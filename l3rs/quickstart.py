@@ -21,13 +21,21 @@ from typing import Any
 
 import torch
 
+from l3rs import meta, tasks
+from l3rs.cli import UsageError
+from l3rs.evaluate import BASELINES as ALL_BASELINES
+from l3rs.evaluate import Method, evaluate
+from l3rs.evaluate.tuning import planned_runs
+from l3rs.report.tables import plus_minus, vs_best_text
+from l3rs.results import EvaluationResult, Stat, VsBest
+
 DEFAULT_TASK = "mnistcnn-digits"
 DEFAULT_OUT = "runs/quickstart"
 DEFAULT_BUDGET_MINUTES = 12.0
 HORIZONS = (1, 2, 5)
 SHIFT = "rotated"
 # The baselines a quickstart can afford (the full protocol: `l3rs evaluate --baselines all`).
-BASELINES = ("adamw", "adamw-cosine-head", "sgd-cosine-head", "l3rs-untrained")
+BASELINES = ("adamw", "adamw-cosine-head", "sgd-cosine-head", "l3rs-untrained", "schedulefree-adamw", "prodigy")
 META_SHARE = 0.45  # of the budget left after preparing; the evaluation's runs get the rest
 # Fine-tuning steps per run: shorter than the task's default so that the whole protocol (LR sweeps of every
 # baseline at 1x, 2x and 5x this horizon, 3 seeds each) fits in ~10 minutes on 2 cores.
@@ -71,10 +79,8 @@ def step_seconds(task: Any, steps: int = 15) -> float:
 
 def evaluation_steps(base_horizon: int, seeds: int, baselines: tuple[str, ...]) -> int:
     """Fine-tuning steps the evaluation will run (every scenario's sweeps and seeds)."""
-    from l3rs import evaluate as ev
-
-    methods = [ev.Method("l3rs", "l3rs")] + [ev.BASELINES[n] for n in baselines]
-    per_scenario = ev.planned_runs(methods, seeds)
+    methods = [Method("l3rs", "l3rs", tuned=False)] + [ALL_BASELINES[n] for n in baselines]
+    per_scenario = planned_runs(methods, seeds)
     return per_scenario * base_horizon * (sum(HORIZONS) + 1)
 
 
@@ -88,37 +94,40 @@ def plan(horizon: int, budget_s: float, seeds: int, step_s: float, workers: int)
             "horizons": list(HORIZONS), "shift": SHIFT}
 
 
-def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """The figures that matter, per scenario: L3RS vs the best tuned baseline."""
+def headline(result: EvaluationResult) -> dict[str, Any]:
+    """The figures that matter, per scenario: L3RS vs the best tuned baseline (saved as headline.json)."""
     rows = []
-    for sc in result["scenarios"]:
-        best = sc["best_baseline"]
-        ours, theirs = sc["methods"]["l3rs"], sc["methods"][best]
+    for scenario in result.scenarios:
+        best = scenario.best_baseline
+        ours, theirs = scenario.methods["l3rs"], scenario.methods[best]
         rows.append({
-            "scenario": sc["label"], "steps": sc["steps"], "best_baseline": best,
-            "l3rs_val_loss": ours["summary"]["val_loss"]["mean"],
-            "l3rs_val_loss_std": ours["summary"]["val_loss"]["std"],
-            "baseline_val_loss": theirs["summary"]["val_loss"]["mean"],
-            "baseline_val_loss_std": theirs["summary"]["val_loss"]["std"],
-            "l3rs_test_acc": ours["summary"]["test_metric"]["mean"],
-            "baseline_test_acc": theirs["summary"]["test_metric"]["mean"],
-            "speedup": ours["speedup"]["ratio"], "speedup_text": ours["speedup"]["text"],
-            "lower_val_loss": (ours["summary"]["val_loss"]["mean"] or math.inf)
-            < (theirs["summary"]["val_loss"]["mean"] or math.inf),
-            "baselines_sweep_seconds": sum(m["tuning"]["seconds"] for m in sc["methods"].values()
-                                           if m["kind"] not in ("l3rs",)),
-            "l3rs_run_seconds": ours["summary"]["seconds"]["mean"],
+            "scenario": scenario.label, "steps": scenario.steps, "best_baseline": best,
+            "l3rs_val_loss": ours.summary.val_loss.mean,
+            "l3rs_val_loss_std": ours.summary.val_loss.std,
+            "baseline_val_loss": theirs.summary.val_loss.mean,
+            "baseline_val_loss_std": theirs.summary.val_loss.std,
+            "l3rs_test_acc": ours.summary.test_metric.mean,
+            "baseline_test_acc": theirs.summary.test_metric.mean,
+            "speedup": ours.speedup.ratio, "speedup_text": ours.speedup.text,
+            "ratio": ours.vs_best.ratio, "ratio_ci95": ours.vs_best.ratio_ci95,
+            "speedup_ci95": ours.vs_best.speedup_ci95, "verdict": ours.vs_best.verdict,
+            "lower_val_loss": (ours.summary.val_loss.mean or math.inf) < (theirs.summary.val_loss.mean or math.inf),
+            "baselines_sweep_seconds": sum(m.tuning.seconds for m in scenario.methods.values() if m.kind != "l3rs"),
+            "l3rs_run_seconds": ours.summary.seconds.mean,
         })
-    return {"rows": rows, "meta_train_seconds": result["optimizer"]["info"].get("meta_train_seconds")}
+    return {"rows": rows, "meta_train_seconds": result.optimizer.info.get("meta_train_seconds")}
 
 
 def print_table(head: dict[str, Any]) -> None:
-    print("\n| scenario | best tuned baseline | its val loss | L3RS val loss | speed-up | L3RS lower? |")
-    print("|---|---|---|---|---|---|")
+    print("\n| scenario | best tuned baseline | its val loss | L3RS val loss | loss ratio [95% CI] | "
+          "speed-up [95% CI] | verdict |")
+    print("|---|---|---|---|---|---|---|")
     for r in head["rows"]:
-        print(f"| {r['scenario']} | {r['best_baseline']} | {r['baseline_val_loss']:.4f} ± "
-              f"{r['baseline_val_loss_std']:.4f} | {r['l3rs_val_loss']:.4f} ± {r['l3rs_val_loss_std']:.4f} | "
-              f"{r['speedup_text']} | {'yes' if r['lower_val_loss'] else 'no'} |")
+        ratio, speed = vs_best_text(VsBest(r["ratio"], r["ratio_ci95"], r["speedup"] or 0.0, r["speedup_ci95"],
+                                           r["verdict"]))
+        theirs = plus_minus(Stat(r["baseline_val_loss"], r["baseline_val_loss_std"]))
+        ours = plus_minus(Stat(r["l3rs_val_loss"], r["l3rs_val_loss_std"]))
+        print(f"| {r['scenario']} | {r['best_baseline']} | {theirs} | {ours} | {ratio} | {speed} | {r['verdict']} |")
     row = head["rows"][0]
     meta = head["meta_train_seconds"] or 0.0
     print(f"\ncost at the meta-training horizon: L3RS meta-training {meta:.0f} s + one run "
@@ -130,9 +139,6 @@ def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
                workers: int = 2, resume: bool = False, progress: bool = True,
                horizon: int = QUICK_HORIZON) -> dict[str, Any]:
     """Run every stage; returns the headline figures (also written to out/headline.json)."""
-    from l3rs import meta, tasks
-    from l3rs.evaluate import evaluate
-
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and not resume:
@@ -180,8 +186,6 @@ def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
 
 
 def run(args: argparse.Namespace) -> int:
-    from l3rs.cli import UsageError
-
     if args.budget_minutes <= 0 or args.seeds < 1:
         raise UsageError("quickstart: --budget-minutes must be > 0 and --seeds >= 1")
     if args.horizon < 1:

@@ -3,47 +3,22 @@
 from __future__ import annotations
 
 import json
-import textwrap
+import math
 
+import numpy as np
 import pytest
 import torch
 
 import l3rs
-from l3rs import evaluate as ev
+from l3rs import results
 from l3rs.cli import main
+from l3rs.evaluate import BASELINES, evaluate, methods, protocol, stats, tuning
+from l3rs.evaluate.runs import RunRequest, ScenarioRunner
+from l3rs.finetune import RunResult, finetune
+from l3rs.io import save_json
 from l3rs.tasks import Task
 
-TINY_TASK = textwrap.dedent('''
-    import torch
-    from l3rs.tasks import Task
-
-    def _data(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
-        x = torch.randn(n, 6, generator=g)
-        return x, (x @ w + 0.5 * torch.randn(n, 3, generator=g)).argmax(-1)
-
-    def _model(seed):
-        torch.manual_seed(0)  # the "pretrained" backbone
-        m = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
-        with torch.no_grad():
-            m[2].weight.copy_(0.1 * torch.randn(3, 12, generator=torch.Generator().manual_seed(seed)))
-        return m
-
-    def task():
-        return Task("tiny", _model, _data(64, 1), _data(48, 2), _data(48, 3), batch_size=16, horizon=6,
-                    head=("2.weight", "2.bias"))
-''')
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(user_module) -> str:
-    """A user task given as 'module:function'."""
-    user_module("l3rs_eval_tiny", TINY_TASK)
-    return "l3rs_eval_tiny:task"
 
 
 @pytest.fixture(scope="module")
@@ -79,33 +54,37 @@ def quadratic(curvature: float) -> Task:
 
 
 def test_sgd_tuning_picks_the_analytic_best_lr() -> None:
-    runner = ev.Runner(quadratic(10.0), steps=1, config=l3rs.Config())
-    tuned = ev.tune(runner, ev.BASELINES["sgd"])
+    runner = ScenarioRunner(quadratic(10.0), steps=1, config=l3rs.Config())
+    tuned = tuning.tune(runner, BASELINES["sgd"])
     assert tuned.hp["lr"] == pytest.approx(0.1)  # 1/h, an interior point of the grid
-    assert len(tuned.trials) == len(ev.SGD_GRID) >= 7
-    assert min(t["val_loss"] for t in tuned.trials) == pytest.approx(0.0, abs=1e-10)
-    assert tuned.steps == len(ev.SGD_GRID) and tuned.seconds > 0
+    assert len(tuned.trials) == len(tuning.SGD_GRID) >= 7
+    assert min(t.val_loss for t in tuned.trials) == pytest.approx(0.0, abs=1e-10)
+    assert len(tuning.TUNE_SEEDS) >= 2 and tuned.seconds > 0
+    assert tuned.steps == len(tuning.SGD_GRID) * len(tuning.TUNE_SEEDS)
+    for t in tuned.trials:  # scored by the mean over the tuning seeds
+        assert len(t.val_losses) == len(tuning.TUNE_SEEDS)
+        assert t.val_loss == pytest.approx(sum(t.val_losses) / len(tuning.TUNE_SEEDS))
 
 
 def test_tuning_extends_the_grid_past_an_edge() -> None:
-    runner = ev.Runner(quadratic(0.1), steps=1, config=l3rs.Config())  # best lr = 10, above the grid
-    tuned = ev.tune(runner, ev.BASELINES["sgd-cosine"])
+    runner = ScenarioRunner(quadratic(0.1), steps=1, config=l3rs.Config())  # best lr = 10, above the grid
+    tuned = tuning.tune(runner, BASELINES["sgd-cosine"])
     assert tuned.hp["lr"] == pytest.approx(10.0)
-    assert len(tuned.trials) == len(ev.SGD_GRID) + 2
+    assert len(tuned.trials) == len(tuning.SGD_GRID) + 2
 
 
 def test_head_variant_tunes_the_multiplier_at_the_best_lr() -> None:
-    runner = ev.Runner(quadratic(10.0), steps=1, config=l3rs.Config())
-    tuned = ev.tune(runner, ev.BASELINES["sgd-head"])
-    heads = [t["hp"]["head"] for t in tuned.trials[len(ev.SGD_GRID):]]
-    assert heads == list(ev.HEAD_MULTIPLIERS)
-    assert all(t["hp"]["lr"] == pytest.approx(0.1) for t in tuned.trials[len(ev.SGD_GRID):])
+    runner = ScenarioRunner(quadratic(10.0), steps=1, config=l3rs.Config())
+    tuned = tuning.tune(runner, BASELINES["sgd-head"])
+    heads = [t.hp["head"] for t in tuned.trials[len(tuning.SGD_GRID):]]
+    assert heads == list(tuning.HEAD_MULTIPLIERS)
+    assert all(t.hp["lr"] == pytest.approx(0.1) for t in tuned.trials[len(tuning.SGD_GRID):])
 
 
 # ----------------------------------------------------------------------------------------- optimizers
 def test_head_lr_groups_and_cosine_schedule() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    make = ev.make_optimizer(ev.BASELINES["adamw-cosine-head"], {"lr": 0.01, "head": 10.0},
+    make = methods.make_optimizer(BASELINES["adamw-cosine-head"], {"lr": 0.01, "head": 10.0},
                              ("1.weight", "1.bias"), l3rs.Config())
     opt, sched = make(model.named_parameters(), 10)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.1])
@@ -118,7 +97,7 @@ def test_head_lr_groups_and_cosine_schedule() -> None:
 
 def test_atmo_is_a_constant_mix_of_sgd_and_adam() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    opt = ev.make_optimizer(ev.BASELINES["atmo"], {"lr": 0.02, "mix": 0.75}, (), l3rs.Config())(
+    opt = methods.make_optimizer(BASELINES["atmo"], {"lr": 0.02, "mix": 0.75}, (), l3rs.Config())(
         model.named_parameters(), 10)
     for _ in range(3):
         opt.zero_grad()
@@ -129,42 +108,149 @@ def test_atmo_is_a_constant_mix_of_sgd_and_adam() -> None:
         assert c["mix"] == pytest.approx({"sgd": 0.25, "adam": 0.75})
 
 
+LR_FREE = {"schedulefree-adamw": {}, "schedulefree-adamw-tuned": {"lr": 1e-2}, "prodigy": {}, "dog": {},
+           "ldog": {}}
+
+
+@pytest.mark.parametrize("name", LR_FREE)
+def test_lr_free_baselines_lower_the_loss(tiny: str, name: str) -> None:
+    task = l3rs.tasks.get(tiny)
+    before = task.evaluate(task.model_fn(1000))["loss"]
+    make = methods.make_optimizer(BASELINES[name], LR_FREE[name], task.head, l3rs.Config())
+    run = finetune(task, make, steps=30, seed=1000, eval_every=10)
+    assert not run.diverged and run.final_val_loss < before
+    assert BASELINES[name].tuned == name.endswith("-tuned")
+
+
+def test_untuned_baselines_cost_no_sweep() -> None:
+    runner = ScenarioRunner(quadratic(10.0), steps=1, config=l3rs.Config())
+    for name in ("schedulefree-adamw", "prodigy", "dog", "ldog"):
+        assert tuning.tune(runner, BASELINES[name]) == tuning.tuning({}, [])
+    assert not runner.cache
+    lr_free = [BASELINES[n] for n in ("schedulefree-adamw", "prodigy", "dog", "ldog")]
+    assert tuning.planned_runs(lr_free, seeds=5) == 5 * len(lr_free)
+
+
+def test_iterate_average_evaluates_the_average_and_trains_the_iterates() -> None:
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = methods.IterateAverage(torch.optim.SGD([w], lr=1.0), gamma=0.0)  # γ = 0: the plain running mean
+    for _ in range(4):
+        opt.zero_grad()
+        (-w.sum()).backward()  # every step adds 1
+        opt.step()
+    opt.eval()
+    assert torch.allclose(w, torch.full((3,), 2.5))  # mean of the iterates 1, 2, 3, 4
+    opt.train()
+    assert torch.allclose(w, torch.full((3,), 4.0))
+
+
+def test_schedule_free_is_evaluated_at_its_averaged_weights(tiny: str) -> None:
+    task = l3rs.tasks.get(tiny)
+    make = methods.make_optimizer(BASELINES["schedulefree-adamw"], {}, task.head, l3rs.Config())
+    modes: list[bool] = []
+    model = task.model_fn(1000)
+    run = finetune(task, make, steps=6, seed=1000, eval_every=2, model=model,
+                   on_step=lambda step, opt: modes.append(opt.param_groups[0]["train_mode"]))
+    assert modes == [True] * 6  # back in train mode after each evaluation
+    assert run.final_val_loss == pytest.approx(task.evaluate(model)["loss"])  # the run ends at the eval weights
+
+
 # ------------------------------------------------------------------------------------------- speed-up
 STEPS = [10, 20, 30, 40]
 
 
 def test_speedup_when_the_candidate_is_faster() -> None:
-    sp = ev.speedup([1.0, 0.6, 0.5, 0.5], [0.8, 0.5, 0.4, 0.3], STEPS)  # baseline reaches 0.5 at 30
+    sp = stats.speedup([1.0, 0.6, 0.5, 0.5], [0.8, 0.5, 0.4, 0.3], STEPS)  # baseline reaches 0.5 at 30
     assert (sp.baseline_steps, sp.candidate_steps) == (30, 20)
-    assert sp.ratio == pytest.approx(1.5) and str(sp) == "1.50x" and sp.steps_text == "20"
+    assert sp.ratio == pytest.approx(1.5) and sp.text == "1.50x" and sp.steps_text == "20"
 
 
 def test_speedup_counts_first_arrivals() -> None:
-    sp = ev.speedup([0.9, 0.7, 0.6, 0.4], [1.0, 0.9, 0.8, 0.4], STEPS)
+    sp = stats.speedup([0.9, 0.7, 0.6, 0.4], [1.0, 0.9, 0.8, 0.4], STEPS)
     assert sp.ratio == pytest.approx(1.0)
-    sp = ev.speedup([0.5, 0.45, 0.42, 0.4], [1.0, 0.9, 0.5, 0.39], STEPS)
+    sp = stats.speedup([0.5, 0.45, 0.42, 0.4], [1.0, 0.9, 0.5, 0.39], STEPS)
     assert sp.ratio == pytest.approx(1.0)
-    sp = ev.speedup([0.4, 0.45, 0.42, 0.4], [1.0, 0.9, 0.4, 0.39], STEPS)  # baseline first got there at 10
+    sp = stats.speedup([0.4, 0.45, 0.42, 0.4], [1.0, 0.9, 0.4, 0.39], STEPS)  # baseline first got there at 10
     assert sp.ratio == pytest.approx(10 / 30)
 
 
 def test_speedup_never_reached() -> None:
     for candidate in ([0.9, 0.8, 0.7, 0.6], [float("inf")] * 4, [float("nan")] * 4):
-        sp = ev.speedup([1.0, 0.6, 0.5, 0.5], candidate, STEPS)
+        sp = stats.speedup([1.0, 0.6, 0.5, 0.5], candidate, STEPS)
         assert sp.candidate_steps is None and sp.ratio is None
-        assert sp.steps_text == ">40" and str(sp) == "<0.75x"
+        assert sp.steps_text == ">40" and sp.text == "<0.75x"
 
 
-def test_mean_curve_of_a_diverged_run_is_infinite_after_it_stopped() -> None:
-    ok = {"eval_steps": [2, 4, 6], "val_loss": [1.0, 0.5, 0.25], "diverged": False}
-    bad = {"eval_steps": [2, 3], "val_loss": [0.8, float("inf")], "diverged": True}
-    assert ev.mean_curve([ok, bad], "val_loss", [2, 4, 6], float("inf")) == [0.9, float("inf"), float("inf")]
+def test_a_diverged_run_reads_infinite_after_it_stopped() -> None:
+    bad = RunResult(eval_steps=[2, 3], val_loss=[0.8, math.inf], diverged=True)
+    assert results.aligned(bad, "val_loss", [2, 4, 6], math.inf) == [0.8, math.inf, math.inf]
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def seed_curves(finals: list[float], points: int = 10, compress: float = 1.0) -> np.ndarray:
+    """Per seed, a linear decline from 1 to `final` over `points` steps, done `compress` times as fast."""
+    t = np.minimum(1.0, compress * np.arange(1, points + 1) / points)
+    return np.array([1 - (1 - f) * t for f in finals])
+
+
+GRID = list(range(10, 101, 10))
+BEST = [0.30, 0.42, 0.25, 0.36, 0.50]  # the best baseline's final val loss on five evaluation seeds
+
+
+def test_clearly_lower_loss_is_better_with_a_tight_interval() -> None:
+    ours = [0.5 * v + 0.01 * (-1) ** i for i, v in enumerate(BEST)]
+    vs = stats.compare(seed_curves(ours), seed_curves(BEST), GRID)
+    assert vs.ratio == pytest.approx(sum(ours) / sum(BEST))
+    lo, hi = vs.ratio_ci95
+    assert 0.45 < lo <= vs.ratio <= hi < 0.56 and vs.verdict == "better"
+
+
+def test_clearly_higher_loss_is_worse() -> None:
+    vs = stats.compare(seed_curves([2 * v for v in BEST]), seed_curves(BEST), GRID)
+    assert vs.ratio_ci95 == pytest.approx([2.0, 2.0]) and vs.verdict == "worse"
+
+
+def test_noise_either_way_is_a_tie_although_the_means_differ() -> None:
+    ours = [v + d for v, d in zip(BEST, [-0.1, 0.08, -0.09, 0.07, -0.02], strict=True)]  # mean 0.988x
+    vs = stats.compare(seed_curves(ours), seed_curves(BEST), GRID)
+    lo, hi = vs.ratio_ci95
+    assert vs.ratio < 1 and lo < 1 < hi and vs.verdict == "tie"
+
+
+def test_verdict_reads_only_the_interval() -> None:
+    assert [stats.verdict(ci) for ci in ([0.5, 0.99], [1.01, 3.0], [0.9, 1.1], [0.5, 1.0])] == \
+        ["better", "worse", "tie", "tie"]
+
+
+def test_twice_as_fast_on_every_seed_is_a_speedup_of_two() -> None:
+    vs = stats.compare(seed_curves(BEST, compress=2.0), seed_curves(BEST), GRID)
+    assert vs.speedup == pytest.approx(2.0) and vs.speedup_ci95 == pytest.approx([2.0, 2.0])
+    assert vs.ratio == pytest.approx(1.0) and vs.verdict == "tie"
+
+
+def test_a_diverged_seed_makes_the_method_worse_and_never_reach() -> None:
+    curves = seed_curves(BEST)
+    curves[2, 4:] = np.inf  # seed 2 diverged at step 50
+    vs = stats.compare(curves, seed_curves(BEST), GRID)
+    assert vs.ratio == np.inf and vs.speedup == 0.0
+    assert vs.ratio_ci95[1] == np.inf and vs.speedup_ci95[0] == 0.0
+
+
+def test_bootstrap_is_deterministic_and_matches_the_normal_interval() -> None:
+    values = np.random.default_rng(7).normal(3.0, 1.0, size=400).tolist()
+    lo, hi = stats.mean_ci(values)
+    half = 1.96 * np.std(values, ddof=1) / np.sqrt(len(values))
+    assert lo == pytest.approx(np.mean(values) - half, abs=0.2 * half)
+    assert hi == pytest.approx(np.mean(values) + half, abs=0.2 * half)
+    assert stats.mean_ci(values) == [lo, hi] and stats.RESAMPLES >= 2000
+    assert stats.mean_ci([0.2, 0.2, 0.2]) == pytest.approx([0.2, 0.2])
+    assert stats.mean_ci([float("inf")]) is None
 
 
 def test_ablations_are_meta_trained_with_their_configs(tiny: str, opt_dir: str, tmp_path) -> None:
     info = {**l3rs.optim.load_meta(opt_dir)["info"], "meta_config": {
         "iterations": 1, "population": 1, "lr0": 1e-2, "validate_every": 1, "validation_seeds": 1}}
-    paths = ev.meta_train_ablations(l3rs.Config(), info, tiny, tmp_path, budget_minutes=None, progress=False)
+    paths = protocol.meta_train_ablations(l3rs.Config(), info, tiny, tmp_path, budget_minutes=None, progress=False)
     configs = {name: l3rs.optim.load_meta(p)["config"] for name, p in paths.items()}
     assert configs["l3rs-global"].scope == "global" and configs["l3rs-global"].bases == l3rs.Config().bases
     assert configs["l3rs-adam-only"].bases == ("adam",) and configs["l3rs-adam-only"].scope == "tensor"
@@ -174,26 +260,43 @@ def test_ablations_are_meta_trained_with_their_configs(tiny: str, opt_dir: str, 
 
 
 # ----------------------------------------------------------------------------------------- end to end
+def test_results_come_back_from_json_as_the_same_records(tiny: str, opt_dir: str, tmp_path) -> None:
+    result = evaluate(opt_dir, tiny, tmp_path, horizons=(1,), seeds=2, baselines=["adamw"], shifts=(),
+                      progress=False)
+    assert results.load(tmp_path / "evaluation.json") == result
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    with pytest.raises(ValueError, match="format_version"):
+        results.load(save_json({**saved, "format_version": 1}, tmp_path / "old.json"))
+
+
 def test_cli_evaluate_end_to_end(tiny: str, opt_dir: str, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
     rc = main(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(out), "--horizons", "1,2",
                "--seeds", "2", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     result = json.loads((out / "evaluation.json").read_text(), parse_constant=pytest.fail)  # strict JSON
-    methods = ["l3rs", *ev.BASELINES]
+    names = ["l3rs", *BASELINES]
     assert {"platform", "cpu_count", "torch"} <= set(result["machine"])
     assert [sc["steps"] for sc in result["scenarios"]] == [6, 12]
     for sc in result["scenarios"]:
-        assert list(sc["methods"]) == methods
+        assert list(sc["methods"]) == names
         for m in sc["methods"].values():
             assert [r["seed"] for r in m["runs"]] == [1000, 1001]
             assert all(len(r["train_loss"]) == sc["steps"] and r["val_loss"] and r["test_metric"] is not None
                        for r in m["runs"])
-        assert sc["methods"]["adamw"]["tuning"]["steps"] >= 7 * sc["steps"]
+        assert sc["methods"]["adamw"]["tuning"]["steps"] >= 7 * len(tuning.TUNE_SEEDS) * sc["steps"]
         assert sc["methods"]["l3rs"]["tuning"]["steps"] == 0
+        assert sc["eval_steps"] == list(range(1, sc["steps"] + 1))  # short runs: validated after every step
+        for m in sc["methods"].values():
+            lo, hi = m["summary"]["val_loss"]["ci95"]
+            assert lo <= m["summary"]["val_loss"]["mean"] <= hi
+            assert m["vs_best"]["verdict"] in ("better", "tie", "worse")
+            assert len(m["vs_best"]["ratio_ci95"]) == len(m["vs_best"]["speedup_ci95"]) == 2
+        assert sc["methods"][sc["best_baseline"]]["vs_best"]["ratio"] == 1.0
+    assert result["format_version"] == results.FORMAT_VERSION
     assert result["optimizer"]["meta_train_seconds"]["l3rs"] == 12.5
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    for name in methods:
+    for name in names:
         assert f"| {name} |" in md or f"**{name}**" in md
         assert f"<td>{name}</td>" in page or f"<b>{name}</b>" in page
     pngs = sorted((out / "plots").glob("*.png"))
@@ -231,20 +334,17 @@ def test_bad_flags_are_one_line_errors(tiny: str, opt_dir: str, tmp_path, capsys
     assert rc == 2 and len(err) == 1, err
 
 
-def test_parallel_runner_matches_sequential(monkeypatch):
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    task = l3rs.tasks.get("examples.user_task:make_task")
-    method = ev.BASELINES["adamw"]
-    requests = [(method, {"lr": lr}, ev.TUNE_SEED, False) for lr in (1e-3, 1e-2)]
-    parallel = ev.Runner(task, steps=5, config=l3rs.Config(), workers=2)
+def test_parallel_runner_matches_sequential(tiny: str) -> None:
+    task = l3rs.tasks.get(tiny)
+    method = BASELINES["adamw"]
+    requests = [RunRequest(method, {"lr": lr}, tuning.TUNE_SEEDS[0], False) for lr in (1e-3, 1e-2)]
+    parallel = ScenarioRunner(task, steps=5, config=l3rs.Config(), workers=2)
     try:
         parallel.prefetch(requests)
     finally:
         parallel.close()
-    assert len(parallel._cache) == 2  # computed by the worker processes
-    sequential = ev.Runner(task, steps=5, config=l3rs.Config())
+    assert len(parallel.cache) == 2  # computed by the worker processes
+    sequential = ScenarioRunner(task, steps=5, config=l3rs.Config())
     for m, hp, seed, curves in requests:
         a, b = parallel.run(m, hp, seed, curves), sequential.run(m, hp, seed, curves)
         assert a.final_val_loss == pytest.approx(b.final_val_loss, rel=1e-4)

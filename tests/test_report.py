@@ -2,46 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import textwrap
 
 import pytest
 import torch
 
 import l3rs
-from l3rs import report
+from l3rs import report, results
 from l3rs.cli import main
-from l3rs.evaluate import evaluate, summarize
-from l3rs.io import save_json
+from l3rs.evaluate import evaluate
+from l3rs.evaluate.stats import summarize
 from l3rs.mixer import depth
-
-TINY_TASK = textwrap.dedent('''
-    import torch
-    from l3rs.tasks import Task
-
-    def _data(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 5, generator=g)
-        return x, (x[:, 0] > 0).long()
-
-    def _model(seed):
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-
-    def task():
-        return Task("tiny-report", _model, _data(48, 1), _data(32, 2), _data(32, 3), batch_size=16, horizon=8,
-                    head=("2.weight", "2.bias"))
-''')
-
+from l3rs.report import plots, render
+from l3rs.results import EVAL_SEED, Trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(user_module) -> str:
-    """A user task given as 'module:function'."""
-    user_module("l3rs_report_tiny", TINY_TASK)
-    return "l3rs_report_tiny:task"
 
 
 @pytest.fixture(scope="module")
@@ -61,46 +37,47 @@ def opt_dir(tiny: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_trace_records_the_coefficients_the_optimizer_reports(tiny: str, opt_dir: str) -> None:
     task = l3rs.tasks.get(tiny)
-    tr = report.trace(opt_dir, task, steps=12, every=4)
-    assert tr["steps"] == [1, 4, 8, 12]
-    assert tr["names"] == ["0.weight", "0.bias", "2.weight", "2.bias"] and len(tr["bases"]) == 5
-    lam, mix = torch.tensor(tr["lr"]), torch.tensor(tr["mix"])
+    recorded = report.trace(opt_dir, task, steps=12, every=4)
+    assert recorded.steps == [1, 4, 8, 12]
+    assert recorded.names == ["0.weight", "0.bias", "2.weight", "2.bias"] and len(recorded.bases) == 5
+    lam, mix = torch.tensor(recorded.lr), torch.tensor(recorded.mix)
     assert lam.shape == (4, 4) and mix.shape == (4, 4, 5)
     assert (lam > 0).all() and torch.allclose(mix.sum(-1), torch.ones(4, 4))
     assert not torch.allclose(lam[0], lam[-1])  # a snapshot per recorded step, not one repeated
     # the same run by hand ends with the same coefficients
-    model = task.model_fn(report.EVAL_SEED)
+    model = task.model_fn(EVAL_SEED)
     opt = l3rs.L3RS.from_pretrained(opt_dir, model.named_parameters(), total_steps=12)
-    for x, y in task.batches(report.EVAL_SEED, 12):
+    for x, y in task.batches(EVAL_SEED, 12):
         opt.zero_grad()
         loss = task.loss(model(x), y)
         loss.backward()
         opt.step(loss=loss.detach())
-    assert [c["lr"] for c in opt.coefficients().values()] == pytest.approx(tr["lr"][-1], rel=1e-5)
+    assert [c["lr"] for c in opt.coefficients().values()] == pytest.approx(recorded.lr[-1], rel=1e-5)
 
 
-def fake_trace(num_tensors: int, steps: int = 6) -> dict:
+def fake_trace(num_tensors: int, steps: int = 6) -> Trace:
     bases = ["sgd", "adam"]
     gen = torch.Generator().manual_seed(0)
     mix = torch.softmax(torch.randn(steps, num_tensors, len(bases), generator=gen), -1)
-    return {"task": "fake", "horizon": steps * 10, "seed": 0, "bases": bases,
-            "names": [f"features._blocks.{i}._depthwise_conv.batchnorm.weight" for i in range(num_tensors)],
-            "steps": list(range(10, 10 * steps + 1, 10)), "mix": mix.tolist(),
-            "lr": (torch.rand(steps, num_tensors, generator=gen) * 1e-2).tolist()}
+    return Trace(task="fake", horizon=steps * 10, seed=0, bases=bases,
+                 names=[f"features._blocks.{i}._depthwise_conv.batchnorm.weight" for i in range(num_tensors)],
+                 steps=list(range(10, 10 * steps + 1, 10)), mix=mix.tolist(),
+                 lr=(torch.rand(steps, num_tensors, generator=gen) * 1e-2).tolist(), diverged=False,
+                 final_val_loss=1.0)
 
 
 def test_short_names_keep_the_informative_tail() -> None:
     name = "features._blocks.12._depthwise_conv.batchnorm.weight"
-    assert report.short(name) == "fea.blo.12.dep.bat.weight"
-    assert report.short("_blocks.12._depthwise_conv.weight") == "blo.12._depthwise_conv.weight"
-    assert report.short("fc.bias") == "fc.bias"
-    assert report.short("a" * 50 + ".weight") == "aaa.weight"
-    assert report.short("x" * 50) == "…" + "x" * 29
+    assert plots.short(name) == "fea.blo.12.dep.bat.weight"
+    assert plots.short("_blocks.12._depthwise_conv.weight") == "blo.12._depthwise_conv.weight"
+    assert plots.short("fc.bias") == "fc.bias"
+    assert plots.short("a" * 50 + ".weight") == "aaa.weight"
+    assert plots.short("x" * 50) == "…" + "x" * 29
 
 
 @pytest.mark.parametrize("num_tensors", [3, 150])
 def test_coefficient_plots_for_small_and_large_models(tmp_path, num_tensors: int) -> None:
-    paths = report.plot_trace(fake_trace(num_tensors), tmp_path)
+    paths = plots.plot_trace(fake_trace(num_tensors), tmp_path)
     for p in paths.values():
         assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
 
@@ -108,20 +85,21 @@ def test_coefficient_plots_for_small_and_large_models(tmp_path, num_tensors: int
 def test_html_escapes_and_renders_marks() -> None:
     doc = [("h1", "a <b> & c"), ("p", "**bold** and `code`"), ("table", ["x"], [["<y>"]]),
            ("img", "p.png", "alt")]
-    page = report.to_html(doc, "t")
+    page = render.to_html(doc, "t")
     assert "a &lt;b&gt; &amp; c" in page and "<b>bold</b>" in page and "<code>code</code>" in page
     assert "<td>&lt;y&gt;</td>" in page and 'src="p.png"' in page
-    md = report.to_markdown(doc)
+    md = render.to_markdown(doc)
     assert "# a <b> & c" in md and "| <y> |" in md and "![alt](p.png)" in md
 
 
 def test_report_from_saved_json_with_a_diverged_run(tiny: str, opt_dir: str, tmp_path) -> None:
     result = evaluate(opt_dir, tiny, tmp_path / "a", horizons=(1,), seeds=2, baselines=["adamw"], shifts=(),
                       progress=False)
-    adamw = result["scenarios"][0]["methods"]["adamw"]
-    adamw["runs"][1]["val_loss"][-1], adamw["runs"][1]["diverged"] = math.inf, True
-    adamw["summary"] = summarize(adamw["runs"])
-    saved = report.load(save_json(result, tmp_path / "evaluation.json"))
+    adamw = result.scenarios[0].methods["adamw"]
+    adamw.runs[1].val_loss[-1], adamw.runs[1].diverged = math.inf, True
+    result.scenarios[0].methods["adamw"] = dataclasses.replace(adamw, summary=summarize(adamw.runs))
+    saved = results.load(results.save(result, tmp_path / "evaluation.json"))
+    assert saved.scenarios[0].methods["adamw"].runs[1].val_loss[-1] is None  # JSON has no inf
     md, page = report.write(saved, tmp_path / "b")
     text = md.read_text()
     assert "1/2" in text and "adamw" in text and "Verdict" in text and "Cost" in text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import textwrap
 
 import numpy as np
 import pytest
@@ -156,51 +155,20 @@ def test_mnist1d_generation_leaves_global_rng_alone():
 
 
 # --- user tasks and errors ------------------------------------------------------------------------
-USER_MODULE = """
-import torch
-from torch import nn
-import l3rs.tasks as T
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-def make_task():
-    def model_fn(seed):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    return T.Task("toy", model_fn, _data(32, 0), _data(16, 1), batch_size=8, horizon=5,
-                  head=("2.weight", "2.bias"))
-
-def make_family():
-    return T.TaskFamily.of(make_task())
-
-def not_a_task():
-    return 42
-"""
-
-
-@pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    (tmp_path / "l3rs_user_tasks_mod.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "l3rs_user_tasks_mod"
-
-
-def test_user_task_given_as_module_function(user_module):
-    task = T.get(f"{user_module}:make_task")
-    assert isinstance(task, T.Task) and task.name == "toy"
+def test_user_task_given_as_module_function(tiny_tasks):
+    task = T.get(f"{tiny_tasks}:make_task")
+    assert isinstance(task, T.Task) and task.name == "tiny"
     model = task.model_fn(0)
     task.check_head(model)
     result = task.evaluate(model)
     assert set(result) == {"loss", "metric"} and 0.0 <= result["metric"] <= 1.0
-    assert T.get(f"{user_module}:make_family").name == "toy"
-    fam = T.family(f"{user_module}:make_task")
+    assert T.get(f"{tiny_tasks}:make_family").name == "tiny"
+    fam = T.family(f"{tiny_tasks}:make_task")
     w0, w1 = (dict(fam.sample(s).model_fn(0).named_parameters())["2.weight"] for s in (0, 1))
     assert torch.equal(fam.sample(0).train[0], task.train[0]) and not torch.equal(w0, w1)
 
 
-def test_unknown_and_malformed_specs_give_clear_errors(user_module):
+def test_unknown_and_malformed_specs_give_clear_errors(tiny_tasks):
     with pytest.raises(UnknownTaskError) as info:
         T.get("no-such-task")
     assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
@@ -212,9 +180,9 @@ def test_unknown_and_malformed_specs_give_clear_errors(user_module):
     with pytest.raises(TaskError, match="cannot import module 'l3rs_no_such_module_xyz'.*effnet-mnist"):
         T.get("l3rs_no_such_module_xyz:make")
     with pytest.raises(TaskError, match="has no callable 'missing'"):
-        T.get(f"{user_module}:missing")
+        T.get(f"{tiny_tasks}:missing")
     with pytest.raises(TaskError, match="returned int, expected"):
-        T.get(f"{user_module}:not_a_task")
+        T.get(f"{tiny_tasks}:not_a_task")
 
 
 def test_bad_task_inputs_give_clear_errors():
