@@ -194,17 +194,9 @@ def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned:
     return updates
 
 
-def update(
-    config: Config,
-    meta: mixer.Meta,
-    grads: TensorList,
-    state: State,
-    params: TensorList,
-    *,
-    lr: Tensor | float,
-    loss: Tensor | float | None = None,
-    total_steps: int | None = None,
-) -> tuple[TensorList, State, Coefficients]:
+def update(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
+           lr: Tensor | float, loss: Tensor | float | None = None,
+           total_steps: int | None = None) -> tuple[TensorList, State, Coefficients]:
     """One L3RS step, pure: returns (updates to add to params, new state, coefficients used).
 
     Nothing is mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph). This is what
@@ -212,18 +204,9 @@ def update(
     return _step(config, meta, grads, state, params, lr, loss, total_steps, inplace=False, workspace=None)
 
 
-def update_(
-    config: Config,
-    meta: mixer.Meta,
-    grads: TensorList,
-    state: State,
-    params: TensorList,
-    *,
-    lr: Tensor | float,
-    loss: Tensor | float | None = None,
-    total_steps: int | None = None,
-    workspace: base_lib.Workspace | None = None,
-) -> tuple[TensorList | None, State, Coefficients | None]:
+def update_(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
+            lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
+            workspace: base_lib.Workspace | None = None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The same step on the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
     OVERWRITTEN and returned in the new state; a non-finite gradient returns (None, state, None) before
     touching anything. With a `workspace`, intermediates and the returned updates live in its reused buffers
