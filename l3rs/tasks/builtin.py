@@ -33,10 +33,10 @@ from torch import Tensor, nn
 
 from . import data
 from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
-from .core import Task, TaskFamily, init_head, mix_seed, random_subset
+from .core import Pair, Task, TaskFamily, init_head, mix_seed, random_subset
 from .pretraining import pretrained_model
+from .text import factories as text_factories
 
-Pair = tuple[Tensor, Tensor]
 Splits = tuple[Pair, Pair, Pair]
 SHIFTS = ("rotated", "inverted", "permuted")
 SHIFT_TEXT = {
@@ -252,4 +252,4 @@ def builtin_factories() -> dict[str, tuple[Callable[[], TaskFamily], str]]:
                 functools.partial(make_family, recipe, shift),
                 f"{recipe.description}; shift: {SHIFT_TEXT[shift]}",
             )
-    return out
+    return out | text_factories()
