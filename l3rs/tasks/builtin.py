@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from ..seeds import seed_of
 from . import data
 from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
-from .core import Task, TaskFamily, init_head, random_subset
+from .core import Pair, Task, TaskFamily, init_head, random_subset
 from .pretraining import pretrained_model
+from .text import factories as text_factories
 
-Pair = tuple[Tensor, Tensor]
 Splits = tuple[Pair, Pair, Pair]
 SHIFTS = ("rotated", "inverted", "permuted")
 SHIFT_TEXT = {
@@ -272,4 +272,4 @@ def builtin_factories() -> dict[str, tuple[Callable[[], TaskFamily], str]]:
                 functools.partial(make_family, recipe, shift),
                 f"{recipe.description}; shift: {SHIFT_TEXT[shift]}",
             )
-    return out
+    return out | text_factories()

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Pair = tuple[Tensor, Tensor]
+from .core import Pair
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 

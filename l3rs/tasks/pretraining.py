@@ -30,10 +30,9 @@ from l3rs.io import atomic_write
 
 from . import data
 from .backbones import MLP, SmallCNN
-from .core import TaskError, accuracy
+from .core import Pair, TaskError, accuracy
 
 VERSION = 1
-Pair = tuple[Tensor, Tensor]
 
 
 def cache_dir() -> Path:
