@@ -298,3 +298,16 @@ def test_diverging_members_never_poison_the_meta_parameters(tmp_path, estimator,
         assert torch.isfinite(meta_vector(best.parent / name)).all()
     lines = [json.loads(x) for x in (best.parent / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 4
+
+
+def test_meta_train_refuses_budgets_below_its_minimum(tmp_path, capsys):
+    from l3rs.meta.command import MIN_BUDGET_MINUTES
+
+    for budget in ("-1", "0", str(MIN_BUDGET_MINUTES / 2)):
+        assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "x"),
+                         "--budget-minutes", budget]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"at least {MIN_BUDGET_MINUTES:g}" in err[0]
+    assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
+                     "--horizon-range", "2,1"]) == 2  # lo > hi: one line, exit 2
+    assert not (tmp_path / "x").exists()
