@@ -88,8 +88,9 @@ def _initial_vector(config: Config, seed: int, num_tensors: int) -> Tensor:
 def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any) -> dict[str, Any]:
     """Validation loss of the untrained L3RS over `cfg.lr0_grid` on `cfg.lr0_seeds` training seeds."""
     start = time.perf_counter()
-    seeds = [(seed_of(cfg.seed, "sweep-task", k), seed_of(cfg.seed, "sweep-run", k))
-             for k in range(cfg.lr0_seeds)]
+    # On the environment itself (the family's base task, training head seeds), not on perturbed samples:
+    # λ0 must suit the runs the optimizer is for.
+    seeds = [(None, seed_of(cfg.seed, "sweep-run", k)) for k in range(cfg.lr0_seeds)]
     jobs = [Job(t, r, vector, lr, horizon, horizon, "val_loss") for lr in cfg.lr0_grid for t, r in seeds]
     results = run(jobs)
     losses = [sum(r.objective for r in results[i:i + len(seeds)]) / len(seeds)
@@ -115,11 +116,14 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
 
 
 def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any) -> tuple[list[float], int]:
-    """(mean objective per validation horizon, steps) of full unrolls on held-out seeds (val loss, or error
-    for val_metric); a horizon with a diverged run reads inf."""
+    """(mean objective per validation horizon, steps) of full unrolls on held-out head seeds of the family's
+    base task (val loss, or error for val_metric); a horizon with a diverged run reads inf.
+
+    The base task, not perturbed family samples: the kept checkpoint must be the best for the environment
+    the optimizer is made for (perturbed samples only diversify the meta-gradient)."""
     objective = "val_metric" if cfg.objective == "val_metric" else "val_loss"
     lengths = [max(1, round(m * horizon)) for m in cfg.validation_horizons]
-    jobs = [Job(VALIDATION_SEED + k, VALIDATION_SEED + k, vector, lr0, n, n, objective)
+    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective)
             for n in lengths for k in range(cfg.validation_seeds)]
     results = run(jobs)
     means = []

@@ -135,7 +135,7 @@ def _objective(task: Task, call: Any, params: dict[str, Tensor], buffers: dict[s
 class Job(NamedTuple):
     """One unroll to run somewhere: a pure function of its fields (so any worker gives the same result)."""
 
-    task_seed: int  # family.sample(task_seed)
+    task_seed: int | None  # family.sample(task_seed); None: the family's base task (the environment itself)
     run_seed: int  # head init, batches and in-model randomness
     vector: Tensor  # flat meta-parameters (already perturbed)
     lr0: float
@@ -178,7 +178,9 @@ class Worker:
         self._tasks: dict[int, Task] = {}
         self._like: mixer.Meta | None = None
 
-    def task(self, seed: int) -> Task:
+    def task(self, seed: int | None) -> Task:
+        if seed is None:
+            return self.family.base
         if seed not in self._tasks:
             if len(self._tasks) >= 32:
                 self._tasks.clear()
