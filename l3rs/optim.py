@@ -1,15 +1,12 @@
-"""`L3RS`, the drop-in torch.optim.Optimizer, and its safe on-disk format.
+"""`L3RS`, the drop-in torch.optim.Optimizer.
 
-The math lives in `l3rs.functional`; this class only gathers tensors, calls `functional.update` under
-no_grad, adds the updates in place (`torch._foreach_add_`) and keeps the returned state.
-
-A saved optimizer is a directory: ``optimizer.safetensors`` (meta-parameters) + ``optimizer.json``
-(config, base set, feature set, tensor names and shapes, format version). Loading never unpickles.
+The math lives in `l3rs.functional`; this class only gathers tensors, calls `functional.update_` under
+no_grad, adds the updates in place (`torch._foreach_add_`) and keeps the returned state. The on-disk format
+of a meta-trained optimizer lives in `l3rs.checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -17,24 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 from torch import Tensor
 
 from l3rs import features, functional, mixer
+from l3rs.checkpoint import CheckpointError, check_meta, load_meta, match_embedding, save_meta
 from l3rs.functional import Config
-from l3rs.io import atomic_write
 
-FORMAT = "l3rs-optimizer"
-FORMAT_VERSION = 2  # 2: horizon-relative time features and a base schedule (1.x dirs are refused)
-WEIGHTS_FILE = "optimizer.safetensors"
-CONFIG_FILE = "optimizer.json"
+__all__ = ["L3RS", "CheckpointError", "load_meta", "save_meta"]
+
 _GLOBAL = "l3rs"  # key of the optimizer-wide entry in self.state (step, feature EMAs, skipped steps)
+_SAVED_GLOBAL = "l3rs_state"  # where state_dict() keeps that entry: in param_groups[0], as Prodigy or
+# schedule-free keep their optimizer-wide values, so tools that map state keys to parameters accept it
 _UNKNOWN_POLICIES = ("error", "mean")
-
-
-class CheckpointError(ValueError):
-    """A saved optimizer that cannot be used: missing, corrupt, or made for another model."""
 
 
 def _named(params: Any) -> list[Any]:
@@ -55,25 +47,89 @@ def _named(params: Any) -> list[Any]:
     return groups
 
 
+def _check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any) -> None:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
+        raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+    if unknown not in _UNKNOWN_POLICIES:
+        raise ValueError(f"unknown must be one of {_UNKNOWN_POLICIES}, got {unknown!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
+def _build_config(config: Config | None, bases: Iterable[str] | None, normalize: bool, mix: str,
+                  schedule: str) -> Config:
+    if config is None:
+        return Config(bases=tuple(bases) if bases is not None else Config.bases, normalize=normalize, mix=mix,
+                      schedule=schedule)
+    if bases is not None:
+        raise ValueError("pass either bases=... or config=..., not both")
+    return config
+
+
+def _trainable(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[str]]:
+    """The tensors that require grad (in group order) and their names, which must be unique."""
+    pairs = [(name, p) for g in groups for name, p in zip(g["param_names"], g["params"], strict=True)
+             if p.requires_grad]
+    if not pairs:
+        raise ValueError("L3RS got no parameter that requires grad")
+    names = [n for n, _ in pairs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"parameter names must be unique, repeated: {dupes}")
+    return [p for _, p in pairs], names
+
+
+def _one_device(params: list[Tensor], names: list[str]) -> torch.device:
+    """The single device of all tensors (the foreach kernels and the mixer work on one device)."""
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        where = {str(d): next(n for n, p in zip(names, params, strict=True) if p.device == d) for d in devices}
+        raise ValueError(f"L3RS needs all parameters on one device, got {sorted(where)} (e.g. {where}); "
+                         "use one L3RS per device")
+    return params[0].device
+
+
+def _clone(value: Any, device: torch.device | None = None) -> Any:
+    """Deep copy of tensors in nested dicts (moment buffers are updated in place), optionally onto `device`."""
+    if isinstance(value, Tensor):
+        return value.clone() if device is None else value.to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _clone(v, device) for k, v in value.items()}
+    return value
+
+
 class L3RS(torch.optim.Optimizer):
     """Learned layer-wise mix of base directions with a learned per-tensor step size (arXiv 2408.09310).
 
     Args:
         params: ``model.named_parameters()`` or param groups of (name, tensor) pairs. Tensors that do not
-            require grad are skipped.
+            require grad are skipped. All tensors must live on one device.
         lr: λ0, the base step size; an untrained L3RS steps every tensor by ``lr`` times the base schedule
             (per element, with ``normalize=True``) along the uniform mix of its base directions.
         total_steps: the run's horizon, fed to the mixer as training progress (None: unknown).
+        weight_decay: decoupled (AdamW-style) decay, per group (default 0): each step multiplies the
+            weights by ``1 - lr * weight_decay`` with the group's λ0, not the learned λ: the learned λ was
+            meta-trained without decay, and per-tensor λ can differ by orders of magnitude, so scaling decay
+            by it would make its strength unpredictable. It does not feed the features.
         bases, normalize, mix, schedule: see `l3rs.functional.Config`. The untrained optimizer steps by
             ``lr * b(t / total_steps)`` with b the base schedule (default: short warm-up, then cosine decay;
             ``schedule="constant"`` keeps λ = lr; without ``total_steps`` it is constant too).
         unknown: what to do with tensors a pretrained optimizer has no embedding for: "error" or
             "mean" (use the mean embedding).
+        average_loss: under an initialized process group with several ranks, average the loss that feeds
+            the features over the ranks (one scalar all-reduce per step) so that DDP replicas take identical
+            steps. Every rank must then give a loss (or none) at every step. False: each rank uses its own.
+        state_dtype: dtype of the moment buffers and of the step's arithmetic, e.g. ``torch.float32`` for
+            bf16/fp16 weights (None: the parameters' dtype). Costs one cast of weights and gradients per step.
         config, meta: a full `Config` and meta-parameters (what `from_pretrained` passes).
         seed: seeds the (untrained) mixer's hidden layers and embeddings.
 
-    ``step(closure)`` or ``step(loss=loss.detach())`` feeds the loss features; without a loss they keep
-    their last value. A step with a non-finite gradient changes nothing and counts in ``skipped_steps``.
+    ``step(closure)`` or ``step(loss=loss.detach())`` feeds the loss features; trainers that call a bare
+    ``step()`` feed it with `observe_loss` instead. Without any loss they keep their last value. A step with
+    a non-finite gradient changes nothing and counts in ``skipped_steps``. ``add_param_group`` after
+    construction is refused (build the optimizer over every tensor you will train).
 
     Memory: the optimizer state is AdamW's two buffers per parameter (the default bases) plus O(number of
     tensors). On CPU a step also reuses a scratch workspace (not state, never saved) so it does not
@@ -88,64 +144,68 @@ class L3RS(torch.optim.Optimizer):
         lr: float = 1e-3,
         total_steps: int | None = None,
         *,
+        weight_decay: float = 0.0,
         bases: Iterable[str] | None = None,
         normalize: bool = True,
         mix: str = "softmax",
         schedule: str = "cosine",
         unknown: str = "error",
+        average_loss: bool = True,
+        state_dtype: torch.dtype | None = None,
         config: Config | None = None,
         meta: mixer.Meta | None = None,
         seed: int = 0,
         _saved: dict[str, Any] | None = None,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
-        if unknown not in _UNKNOWN_POLICIES:
-            raise ValueError(f"unknown must be one of {_UNKNOWN_POLICIES}, got {unknown!r}")
-        if config is None:
-            config = Config(bases=tuple(bases) if bases is not None else Config.bases, normalize=normalize,
-                            mix=mix, schedule=schedule)
-        elif bases is not None:
-            raise ValueError("pass either bases=... or config=..., not both")
-        super().__init__(_named(params), {"lr": lr})
+        _check_arguments(lr, total_steps, unknown, weight_decay)
+        config = _build_config(config, bases, normalize, mix, schedule)
+        self._built = False
+        super().__init__(_named(params), {"lr": lr, "weight_decay": weight_decay})
         self.config = config
         self.total_steps = total_steps
-        self._params: list[Tensor] = []
-        self.param_names: list[str] = []
-        for group in self.param_groups:
-            for name, p in zip(group["param_names"], group["params"], strict=True):
-                if p.requires_grad:
-                    self._params.append(p)
-                    self.param_names.append(name)
-        if not self._params:
-            raise ValueError("L3RS got no parameter that requires grad")
-        dupes = sorted({n for n in self.param_names if self.param_names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"parameter names must be unique, repeated: {dupes}")
-        device = self._params[0].device
-        if meta is None:
-            meta = config.init_meta(len(self._params), seed)
-        elif _saved is not None:
-            meta = _match_embedding(meta, _saved, self.param_names, [tuple(p.shape) for p in self._params],
-                                    unknown, config.scope)
-        _check_meta(meta, config, len(self._params))
-        self.meta = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in meta.items()}
+        self.average_loss = average_loss
+        self.state_dtype = state_dtype
+        self._params, self.param_names = _trainable(self.param_groups)
+        device = _one_device(self._params, self.param_names)
+        self.meta = self._resolve_meta(meta, _saved, unknown, seed, device)
         # Scratch buffers reused across steps (not state: never saved). Only on CPU, where fresh multi-MB
         # tensors page-fault; CUDA's caching allocator makes fresh ones cheap and its fused foreach kernels
         # beat the per-tensor loops that filling existing buffers needs.
         self._workspace = functional.base_lib.Workspace() if device.type == "cpu" else None
         self._lr0_cache: tuple[Any, Tensor | None] = (None, None)
+        self._observed: list[Tensor] = []
         self._init_state()
+        self._built = True
+
+    def _resolve_meta(self, meta: mixer.Meta | None, saved: dict[str, Any] | None, unknown: str, seed: int,
+                      device: torch.device) -> mixer.Meta:
+        if meta is None:
+            meta = self.config.init_meta(len(self._params), seed)
+        elif saved is not None:
+            meta = match_embedding(meta, saved, self.param_names, [tuple(p.shape) for p in self._params],
+                                   unknown, self.config.scope)
+        check_meta(meta, self.config, len(self._params))
+        return {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in meta.items()}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._built:  # the mixer's embedding table and feature state are sized at construction
+            raise NotImplementedError(
+                "L3RS does not support add_param_group after construction: create the L3RS over every tensor "
+                "you will train (e.g. set requires_grad before building it, or build a new L3RS)")
+        super().add_param_group(param_group)
 
     # --------------------------------------------------------------------------------------- state
     def _init_state(self) -> None:
-        st = functional.init(self.config, self._params)
+        st = functional.init(self.config, self._compute_dtype(self._params))
         for i, p in enumerate(self._params):
             self.state[p] = {k: getattr(st.moments, k)[i] for k in ("m", "v", "s", "theta0")
                              if getattr(st.moments, k) is not None}
         self.state[_GLOBAL] = {"step": 0, "skipped_steps": 0, "features": {}}
+
+    def _compute_dtype(self, tensors: list[Tensor]) -> list[Tensor]:
+        """`tensors` in `state_dtype` (the same objects when they already are)."""
+        dtype = self.state_dtype
+        return tensors if dtype is None or all(t.dtype == dtype for t in tensors) else [t.to(dtype) for t in tensors]
 
     @property
     def skipped_steps(self) -> int:
@@ -193,6 +253,27 @@ class L3RS(torch.optim.Optimizer):
             self._lr0_cache = (key, torch.tensor(lrs, dtype=torch.float32, device=self._params[0].device))
         return self._lr0_cache[1]
 
+    # ---------------------------------------------------------------------------------------- loss
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Feed the loss features for the next `step()` that gets no loss itself (trainers that call a bare
+        ``step()``). Several calls before one step (gradient accumulation) are averaged. The features are
+        relative to the first loss seen, so a constant factor (e.g. a loss divided by the accumulation
+        count) does not matter, as long as it stays the same."""
+        value = loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        self._observed.append(value.float().reshape(()))
+
+    def _step_loss(self, loss: Tensor | float | None) -> Tensor | float | None:
+        """The loss that feeds this step's features: given, else observed, averaged over ranks."""
+        observed, self._observed = self._observed, []
+        if loss is None and observed:
+            loss = torch.stack([x.to(observed[0].device) for x in observed]).mean()
+        loss = loss.detach() if isinstance(loss, Tensor) else loss
+        if loss is None or not self.average_loss or not dist.is_initialized() or dist.get_world_size() == 1:
+            return loss
+        total = torch.as_tensor(loss, dtype=torch.float32, device=self._params[0].device).clone().reshape(())
+        dist.all_reduce(total)  # SUM: every backend has it (gloo has no AVG)
+        return total / dist.get_world_size()
+
     # ---------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Any = None, loss: Tensor | float | None = None) -> Any:
@@ -200,6 +281,7 @@ class L3RS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        feature_loss = self._step_loss(loss)
         rows = [i for i, p in enumerate(self._params) if p.grad is not None]
         if not rows:
             return loss
@@ -211,36 +293,67 @@ class L3RS(torch.optim.Optimizer):
         meta = self.meta if subset is None or self.config.scope == "global" else {
             **self.meta, "embedding": self.meta["embedding"][subset]}
         state = functional.State(self._moments(params), self._feature_state(subset))
-        loss_value = loss.detach() if isinstance(loss, Tensor) else loss
         lr = self._lr0() if subset is None else self._lr0()[rows]
         updates, new, _ = functional.update_(
-            self.config, meta, grads, state, params, lr=lr, loss=loss_value, total_steps=self.total_steps,
-            workspace=self._workspace)
+            self.config, meta, self._compute_dtype(grads), state, self._compute_dtype(params), lr=lr,
+            loss=feature_loss, total_steps=self.total_steps, workspace=self._workspace)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss
+        self._decay_weights()
         torch._foreach_add_(params, updates)
         self._store_features(new.features, subset)
         self.state[_GLOBAL] = {**self.state[_GLOBAL], "step": new.moments.step}
         return loss
 
+    def _decay_weights(self) -> None:
+        """Decoupled weight decay: θ ← θ·(1 − λ0·wd) for the groups that ask for it (before the update)."""
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                decayed = [p for p in group["params"] if p.requires_grad and p.grad is not None]
+                if decayed:
+                    torch._foreach_mul_(decayed, 1 - group["lr"] * group["weight_decay"])
+
     # -------------------------------------------------------------------------------- introspection
     @torch.no_grad()
     def coefficients(self) -> dict[str, dict[str, Any]]:
         """Current {param_name: {"lr": λ, "mix": {base: μ}}}, from the features as they stand now."""
-        x = functional.feature_matrix(self.config, self._feature_state(None), self.step_count, self.total_steps,
-                                      len(self._params), self._params[0].device)
-        lam, mix = functional.coefficients(self.config, self.meta, x, self._lr0(), self.step_count, self.total_steps)
+        lam, mix = self._coefficients()
         return {
             name: {"lr": float(lam[i]), "mix": {b: float(mix[i, j]) for j, b in enumerate(self.config.bases)}}
             for i, name in enumerate(self.param_names)
         }
 
+    @torch.no_grad()
+    def learned_lr(self) -> list[float]:
+        """Mean learned λ per param group (nan for a group with nothing to train), from the features as
+        they stand now. Group "lr" stays λ0, the scale the learned schedule multiplies; log this instead
+        to see the step size actually taken."""
+        lam, _ = self._coefficients()
+        out, start = [], 0
+        for group in self.param_groups:
+            count = sum(p.requires_grad for p in group["params"])
+            out.append(float(lam[start:start + count].mean()) if count else math.nan)
+            start += count
+        return out
+
+    def _coefficients(self) -> tuple[Tensor, Tensor]:
+        x = functional.feature_matrix(self.config, self._feature_state(None), self.step_count, self.total_steps,
+                                      len(self._params), self._params[0].device)
+        return functional.coefficients(self.config, self.meta, x, self._lr0(), self.step_count, self.total_steps)
+
     # ------------------------------------------------------------------------------- (de)serialization
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state plus the meta-parameters and config; a snapshot (later steps don't alter it)."""
+        """Optimizer state plus the meta-parameters and config; a snapshot (later steps don't alter it).
+
+        Per-tensor state is keyed by parameter index as in torch.optim; the optimizer-wide state (step,
+        feature EMAs) rides in ``param_groups[0]["l3rs_state"]``, so torch.distributed.checkpoint's
+        get/set_optimizer_state_dict work (they drop the top-level ``l3rs_meta``/``l3rs_config``: the
+        optimizer you load into keeps its own meta-parameters)."""
         sd = super().state_dict()
-        sd["state"] = {k: _clone(v) for k, v in sd["state"].items()}
+        state = {k: _clone(v) for k, v in sd["state"].items()}
+        sd["param_groups"][0][_SAVED_GLOBAL] = state.pop(_GLOBAL)
+        sd["state"] = state
         sd["l3rs_meta"] = {k: v.clone() for k, v in self.meta.items()}
         sd["l3rs_config"] = self.config.to_dict()
         return sd
@@ -252,9 +365,14 @@ class L3RS(torch.optim.Optimizer):
         if config is not None and Config.from_dict(config) != self.config:
             raise ValueError("state_dict was saved by an L3RS with a different config")
         if meta is not None:
-            _check_meta(meta, self.config, len(self._params))
+            check_meta(meta, self.config, len(self._params))
             self.meta = {k: v.detach().to(self._params[0].device, torch.float32).clone() for k, v in meta.items()}
-        super().load_state_dict(state_dict)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        overall = groups[0].pop(_SAVED_GLOBAL, None)  # None: an older state_dict, kept under state["l3rs"]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        if overall is not None:
+            self.state[_GLOBAL] = _clone(overall, self._params[0].device)
+        self._lr0_cache = (None, None)
 
     def save_pretrained(self, path: str | os.PathLike, **info: Any) -> Path:
         """Write ``optimizer.safetensors`` + ``optimizer.json`` into directory `path` (atomically)."""
@@ -270,111 +388,13 @@ class L3RS(torch.optim.Optimizer):
         *,
         lr: float | None = None,
         unknown: str = "error",
+        **kwargs: Any,
     ) -> L3RS:
-        """Load a meta-trained optimizer for `params` (named). `lr` defaults to the λ0 it was trained with."""
+        """Load a meta-trained optimizer for `params` (named). `lr` defaults to the λ0 it was trained with;
+        `kwargs` (weight_decay, average_loss, state_dtype) go to `L3RS`. Names match without wrapper
+        prefixes (DDP ``module.``, torch.compile ``_orig_mod.``, FSDP ``_fsdp_wrapped_module.``)."""
         saved = load_meta(path)
         info = saved["info"]
         return cls(params, lr=lr if lr is not None else info["lr"],
                    total_steps=total_steps if total_steps is not None else info.get("total_steps"),
-                   unknown=unknown, config=saved["config"], meta=saved["meta"], _saved=info)
-
-
-def _clone(value: Any) -> Any:
-    """Deep copy of tensors in nested dicts (moment buffers are updated in place)."""
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
-
-
-def _check_meta(meta: mixer.Meta, config: Config, num_tensors: int) -> None:
-    expected = config.init_meta(num_tensors)
-    problems = [f"missing {k}" for k in expected if k not in meta]
-    problems += [f"unexpected {k}" for k in meta if k not in expected]
-    problems += [f"{k}: shape {tuple(meta[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                 if k in meta and meta[k].shape != v.shape]
-    if problems:
-        raise CheckpointError("meta-parameters do not match the config: " + "; ".join(problems))
-
-
-def _match_embedding(meta: mixer.Meta, info: dict[str, Any], names: list[str], shapes: list[tuple[int, ...]],
-                     unknown: str, scope: str) -> mixer.Meta:
-    """Re-key the saved per-tensor embedding rows to this model's tensors, by name (never position)."""
-    saved = {n: tuple(s) for n, s in zip(info["tensor_names"], info["tensor_shapes"], strict=True)}
-    missing = [n for n in names if n not in saved]
-    wrong = [f"{n} {saved[n]} vs model {s}" for n, s in zip(names, shapes, strict=True)
-             if n in saved and saved[n] != s]
-    if (missing or wrong) and unknown == "error":
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} tensor(s) unknown to the optimizer: {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
-        if wrong:
-            parts.append(f"shape mismatch: {', '.join(wrong[:8])}" + (" ..." if len(wrong) > 8 else ""))
-        raise CheckpointError("optimizer was meta-trained for another model: " + "; ".join(parts)
-                              + " (pass unknown='mean' to use the mean embedding for these)")
-    if scope == "global":
-        return meta
-    table = meta["embedding"]
-    row = {n: i for i, n in enumerate(info["tensor_names"])}
-    bad = set(missing) | {w.split(" ")[0] for w in wrong}
-    mean = table.mean(0)
-    rows = [mean if n in bad else table[row[n]] for n in names]
-    return {**meta, "embedding": torch.stack(rows)}
-
-
-def save_meta(path: str | os.PathLike, meta: mixer.Meta, config: Config, names: list[str],
-              shapes: list[tuple[int, ...]], lr: float, total_steps: int | None, **info: Any) -> Path:
-    """Save meta-parameters as an optimizer directory loadable by `L3RS.from_pretrained`."""
-    from l3rs import __version__
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in meta.items()}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "l3rs_version": __version__,
-           "config": config.to_dict(), "tensor_names": list(names), "tensor_shapes": [list(s) for s in shapes],
-           "lr": float(lr), "total_steps": total_steps, **info}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
-    return path
-
-
-def load_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an optimizer directory: {"config": Config, "meta": tensors, "info": the JSON document}."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"no optimizer directory at {str(path)!r}")
-    weights, doc_file = path / WEIGHTS_FILE, path / CONFIG_FILE
-    if not weights.is_file() or not doc_file.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"))
-        hint = f" (found {', '.join(pickles)}: l3rs never unpickles files)" if pickles else ""
-        raise CheckpointError(f"{str(path)!r} is not an l3rs optimizer: need {WEIGHTS_FILE} and {CONFIG_FILE}{hint}")
-    try:
-        info = json.loads(doc_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{doc_file} is not valid JSON: {e}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"{doc_file} is not an l3rs optimizer description (format != {FORMAT!r})")
-    version = info.get("format_version", 0)
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{doc_file} has format version {version}; this l3rs reads "
-                              f"up to {FORMAT_VERSION}: upgrade l3rs")
-    if version < FORMAT_VERSION:
-        raise CheckpointError(f"{doc_file} has format version {version}: its features and step-size "
-                              f"parameterization changed in version {FORMAT_VERSION}; meta-train it again")
-    try:
-        config = Config.from_dict(info["config"])
-        names, shapes = info["tensor_names"], info["tensor_shapes"]
-        if len(names) != len(shapes):
-            raise ValueError("tensor_names and tensor_shapes differ in length")
-        float(info["lr"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{doc_file} is malformed: {e}") from None
-    try:
-        meta = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights} is corrupt: {e}") from None
-    num_rows = 1 if config.scope == "global" else len(names)
-    _check_meta(meta, config, num_rows)
-    return {"config": config, "meta": meta, "info": info}
+                   unknown=unknown, config=saved["config"], meta=saved["meta"], _saved=info, **kwargs)

@@ -23,6 +23,7 @@ meta-parameters stay identical everywhere. The backend is gloo on CPU and NCCL w
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -48,14 +49,25 @@ def _run_job(job: Job) -> Result:
     return _WORKER(job)
 
 
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_from_env() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""
+    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1.
+
+    A group joined here is destroyed at exit, while the interpreter is still whole: left to interpreter
+    finalization, gloo's worker threads free tensors that hold Python references after the GIL is gone, and
+    the process aborts ("terminate called without an active exception", exit -6) after its work is done.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(_destroy_group)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
