@@ -15,7 +15,7 @@ from test_meta import H, small, stiff_task
 from l3rs import L3RS, features, functional
 from l3rs.meta import MetaConfig, train
 from l3rs.meta.estimators import Context, bptt, draw_horizon, end_weight
-from l3rs.meta.train import validation_score
+from l3rs.meta.train import validation_due, validation_score
 from l3rs.meta.unroll import Worker
 from l3rs.optim import CheckpointError, load_meta
 from l3rs.tasks import TaskFamily, builtin, data
@@ -110,7 +110,12 @@ def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     assert info["validation_score"] == pytest.approx(expected) and info["validation_score"] <= 0
     assert info["config"]["reference_horizon"] == H  # the optimizer knows the horizon it was trained around
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["validation_score"] is not None for r in lines[1:]] == [False, True, False, True]
+    assert [r["validation_score"] is not None for r in lines[1:]] == [True, True, False, True]
+
+
+def test_validation_is_due_early_then_every_n_iterations():
+    assert [i for i in range(1, 61) if validation_due(i, 20)] == [5, 10, 20, 40, 60]
+    assert [i for i in range(1, 5) if validation_due(i, 2)] == [1, 2, 4]
 
 
 def test_an_old_format_optimizer_is_refused_with_its_version(tmp_path):

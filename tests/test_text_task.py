@@ -16,7 +16,7 @@ import torch
 
 import l3rs.tasks as T
 from l3rs import mixer
-from l3rs.evaluate import SHIFTS
+from l3rs.evaluate import SHIFT_SCENARIOS
 from l3rs.functional import Config
 from l3rs.meta.unroll import unroll
 from l3rs.tasks import text
@@ -165,7 +165,7 @@ def test_tasks_pickle_for_worker_processes(family):
 
 def test_registered_listed_and_its_shift_picked_by_evaluate():
     assert {"minilm-chatterbot", "minilm-chatterbot:heldout"} <= set(T.names())
-    assert [s for s in SHIFTS if f"minilm-chatterbot:{s}" in T.names()] == ["heldout"]  # what --shifts auto takes
+    assert [s for s in SHIFT_SCENARIOS if f"minilm-chatterbot:{s}" in T.names()] == ["heldout"]  # --shifts auto
     proc = subprocess.run([sys.executable, "-m", "l3rs", "tasks"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()}

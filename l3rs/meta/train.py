@@ -292,6 +292,12 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
     return out / "best"
 
 
+def validation_due(iteration: int, every: int) -> bool:
+    """Every `every` iterations, and twice before the first of those (at a quarter and a half): the first
+    iterations often help most before a noisy meta-gradient overshoots, so they get their own checks."""
+    return iteration % every == 0 or (iteration < every and iteration in (every // 4, every // 2))
+
+
 def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner) -> float:
     """Validate the current meta-parameters; keep them as best if they score better. Returns the score."""
     start = time.perf_counter()
@@ -325,7 +331,7 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
         # the last iteration that fits the budget together with its final validation
         last = state.iteration == cfg.iterations or state.seconds + 2 * took + state.validation_seconds > budget
         score = None
-        if state.iteration % cfg.validate_every == 0 or last:
+        if validation_due(state.iteration, cfg.validate_every) or last:
             score = _validate_into(state, cfg, horizon, run)
         took = run.agree(time.perf_counter() - start)
         state.seconds += took
