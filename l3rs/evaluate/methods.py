@@ -34,7 +34,7 @@ from l3rs.functional import Config
 from l3rs.mixer import depth
 from l3rs.optim import L3RS
 
-ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global")
+ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global", schedule="constant")  # ATMO: fixed
 SCHEDULEFREE_LR = 0.0025  # AdamWScheduleFree's default
 SCHEDULEFREE_WARMUP = 0.05  # share of the run
 AVERAGING_GAMMA = 8.0  # dog.PolynomialDecayAverager's default
