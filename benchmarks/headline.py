@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 
+from l3rs.cli import UsageError
 from l3rs.io import machine
 from l3rs.quickstart import DEFAULT_BUDGET_MINUTES, DEFAULT_TASK, QUICK_HORIZON, quickstart
 
@@ -27,9 +28,12 @@ def main() -> None:
     parser.add_argument("--estimator", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="default: as many as the budget affords")
     args = parser.parse_args()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-        head = quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, progress=False,
-                          horizon=args.horizon)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+            head = quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds,
+                              progress=False, horizon=args.horizon)
+    except UsageError as e:  # e.g. a budget below the smallest quickstart: one line, exit 2
+        sys.exit(f"headline: {e}")
     head["budget_error"] = head["wall_seconds"] / head["budget_seconds"] - 1
     head["within_20_percent"] = abs(head["budget_error"]) <= 0.2
     head["machine"] = machine()

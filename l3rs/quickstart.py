@@ -208,7 +208,8 @@ def _prepare(task_spec: str, out: Path, budget_minutes: float, seeds: int | None
     if stages is None:
         needed = spent + smallest_seconds(horizon, seeds, timing, workers, has_shift)
         raise UsageError(f"quickstart: --budget-minutes {budget_minutes:g} is below the smallest quickstart of "
-                         f"{task_spec} on this machine, {math.ceil(needed / 6) / 10:g} minutes")
+                         f"{task_spec} on this machine (preparing took {spent:.0f} s, a step "
+                         f"{1000 * timing.step:.1f} ms): {math.ceil(needed / 6) / 10:g} minutes")
     if out.exists() and not resume:
         shutil.rmtree(out)  # a quickstart without --resume starts over
     out.mkdir(parents=True, exist_ok=True)
