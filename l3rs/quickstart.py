@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,7 @@ class Timing(NamedTuple):
 
     step: float  # one fine-tuning step (forward, backward, AdamW)
     validation: float  # one pass over the validation split
+    startup: float = 0.0  # starting a Python process that imports the evaluation (a worker pool's cost)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -96,7 +99,8 @@ def _stage(name: str, budget_s: float | None = None) -> None:
 
 
 def measure(task: Any, steps: int = 15) -> Timing:
-    """Median wall time of a fine-tuning step and of a validation pass, to size the stages."""
+    """Median wall time of a fine-tuning step and of a validation pass, and a process start, to size the
+    stages."""
     model = task.model_fn(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_times, validation_times = [], []
@@ -110,12 +114,16 @@ def measure(task: Any, steps: int = 15) -> Timing:
         start = time.perf_counter()
         task.evaluate(model)
         validation_times.append(time.perf_counter() - start)
-    return Timing(sorted(step_times)[len(step_times) // 2], sorted(validation_times)[1])
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import l3rs.evaluate.runs"], check=True)
+    return Timing(sorted(step_times)[len(step_times) // 2], sorted(validation_times)[1],
+                  time.perf_counter() - start)
 
 
 def evaluation_seconds(tier: Tier, horizon: int, seeds: int, timing: Timing, workers: int,
                        has_shift: bool) -> float:
-    """Wall time of the evaluation a tier asks for: every scenario's sweeps, seeds, validation passes."""
+    """Wall time of the evaluation a tier asks for: every scenario's sweeps, seeds, validation passes, and
+    fixed costs (a worker pool per scenario, the report's figures), each counted as one process start."""
     methods = [Method("l3rs", "l3rs", tuned=False)] + [ALL_BASELINES[n] for n in tier.baselines]
     runs = planned_runs(methods, seeds)
     curve_runs = seeds * len(methods)  # validated MIN_EVAL_POINTS times (and tested); tuning runs once
@@ -125,7 +133,8 @@ def evaluation_seconds(tier: Tier, horizon: int, seeds: int, timing: Timing, wor
         steps = max(1, round(multiple * horizon))
         passes = curve_runs * (min(steps, MIN_EVAL_POINTS) + 1) + runs - curve_runs
         total += runs * steps * timing.step + passes * timing.validation
-    return total / (PARALLEL_GAIN if workers > 1 else 1.0)
+    fixed = timing.startup * (1 + (len(multiples) if workers > 1 else 0))
+    return total / (PARALLEL_GAIN if workers > 1 else 1.0) + fixed
 
 
 def min_meta_seconds(horizon: int, timing: Timing) -> float:

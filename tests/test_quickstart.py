@@ -36,6 +36,8 @@ def test_estimate_counts_tuning_seeds_validation_passes_and_workers():
     assert qs.evaluation_seconds(tier, 60, 2, FAST, 2, False) == pytest.approx(one / qs.PARALLEL_GAIN)
     assert qs.evaluation_seconds(tier, 60, 2, qs.Timing(0.001, 0.004), 1, False) > one
     assert qs.evaluation_seconds(tier, 60, 4, FAST, 1, False) > one
+    pool_and_report = qs.evaluation_seconds(tier, 60, 2, FAST._replace(startup=3.0), 2, False)
+    assert pool_and_report == pytest.approx(qs.evaluation_seconds(tier, 60, 2, FAST, 2, False) + 2 * 3.0)
 
 
 @pytest.mark.parametrize("budget", ["0", "-1", "nan"])
