@@ -4,8 +4,10 @@
     -> evaluate against LR-tuned baselines on held-out seeds, an unseen shift and 1x/2x/5x horizons
     -> print the summary and write report.md / report.html
 
-`--budget-minutes` scales every stage; Ctrl-C stops cleanly and `--resume` continues (meta-training resumes
-from its last checkpoint; a finished stage is not redone).
+`--budget-minutes` sizes every stage together (evaluation horizons, seeds, baselines and meta-training time)
+and refuses, in one line naming the minimum, a budget below the smallest quickstart; Ctrl-C stops cleanly
+(exit 130) and `--resume` continues (meta-training resumes from its last checkpoint; a finished stage is not
+redone).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,6 +30,7 @@ from l3rs import meta, tasks
 from l3rs.cli import UsageError
 from l3rs.evaluate import BASELINES as ALL_BASELINES
 from l3rs.evaluate import Method, evaluate
+from l3rs.evaluate.runs import MIN_EVAL_POINTS
 from l3rs.evaluate.tuning import planned_runs
 from l3rs.report.tables import plus_minus, vs_best_text
 from l3rs.results import EvaluationResult, Stat, VsBest
@@ -32,14 +38,42 @@ from l3rs.results import EvaluationResult, Stat, VsBest
 DEFAULT_TASK = "mnistcnn-digits"
 DEFAULT_OUT = "runs/quickstart"
 DEFAULT_BUDGET_MINUTES = 12.0
-HORIZONS = (1, 2, 5)
 SHIFT = "rotated"
 # The baselines a quickstart can afford (the full protocol: `l3rs evaluate --baselines all`).
 BASELINES = ("adamw", "adamw-cosine-head", "sgd-cosine-head", "l3rs-untrained", "schedulefree-adamw", "prodigy")
-META_SHARE = 0.45  # of the budget left after preparing; the evaluation's runs get the rest
 # Fine-tuning steps per run: shorter than the task's default so that the whole protocol (LR sweeps of every
-# baseline at 1x, 2x and 5x this horizon, 3 seeds each) fits in ~10 minutes on 2 cores.
+# baseline at 1x, 2x and 5x this horizon, 5 seeds each) fits in ~12 minutes on 2 cores.
 QUICK_HORIZON = 60
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One size of the quickstart's evaluation; the budget picks the largest that fits."""
+
+    horizons: tuple[float, ...]
+    seeds: int
+    baselines: tuple[str, ...]
+    shift: bool
+
+
+TIERS = (  # smallest first: the smallest is the smallest budget the quickstart accepts
+    Tier((1,), 2, ("adamw",), False),
+    Tier((1,), 3, ("adamw", "schedulefree-adamw", "prodigy"), True),
+    Tier((1, 2), 5, BASELINES, True),
+    Tier((1, 2, 5), 5, BASELINES, True),
+)
+META_MIN_SHARE = 0.3  # meta-training gets at least this share of the budget (but the smallest tier)
+META_MIN_UNROLLS = 60  # ... and at least this many horizon-long runs' time (its λ0 sweep alone is 12)
+META_MIN_SECONDS = 5.0
+PARALLEL_GAIN = 1.6  # two single-threaded worker processes vs one process running everything
+
+
+class Timing(NamedTuple):
+    """Measured on this machine before planning."""
+
+    step: float  # one fine-tuning step (forward, backward, AdamW)
+    validation: float  # one pass over the validation split
+    startup: float = 0.0  # starting a Python process that imports the evaluation (a worker pool's cost)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -51,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="meta-training estimator (default: l3rs.meta.MetaConfig's)")
     parser.add_argument("--horizon", type=int, default=QUICK_HORIZON,
                         help=f"fine-tuning steps of the meta-training runs (default {QUICK_HORIZON})")
-    parser.add_argument("--seeds", type=int, default=3, help="held-out evaluation seeds (default 3)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="held-out evaluation seeds (default: as many as the budget affords, up to 5)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes for meta-training and evaluation runs (default: up to 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted quickstart in --out")
@@ -63,35 +98,69 @@ def _stage(name: str, budget_s: float | None = None) -> None:
     print(f"\n== {name}{extra}", flush=True)
 
 
-def step_seconds(task: Any, steps: int = 15) -> float:
-    """Median wall time of one fine-tuning step (forward, backward, AdamW), to size the stages."""
+def measure(task: Any, steps: int = 15) -> Timing:
+    """Median wall time of a fine-tuning step and of a validation pass, and a process start, to size the
+    stages."""
     model = task.model_fn(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
+    step_times, validation_times = [], []
     for x, y in task.batches(0, steps):
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         task.loss(model(x), y).backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        step_times.append(time.perf_counter() - start)
+    for _ in range(3):
+        start = time.perf_counter()
+        task.evaluate(model)
+        validation_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import l3rs.evaluate.runs"], check=True)
+    return Timing(sorted(step_times)[len(step_times) // 2], sorted(validation_times)[1],
+                  time.perf_counter() - start)
 
 
-def evaluation_steps(base_horizon: int, seeds: int, baselines: tuple[str, ...]) -> int:
-    """Fine-tuning steps the evaluation will run (every scenario's sweeps and seeds)."""
-    methods = [Method("l3rs", "l3rs", tuned=False)] + [ALL_BASELINES[n] for n in baselines]
-    per_scenario = planned_runs(methods, seeds)
-    return per_scenario * base_horizon * (sum(HORIZONS) + 1)
+def evaluation_seconds(tier: Tier, horizon: int, seeds: int, timing: Timing, workers: int,
+                       has_shift: bool) -> float:
+    """Wall time of the evaluation a tier asks for: every scenario's sweeps, seeds, validation passes, and
+    fixed costs (a worker pool per scenario, the report's figures), each counted as one process start."""
+    methods = [Method("l3rs", "l3rs", tuned=False)] + [ALL_BASELINES[n] for n in tier.baselines]
+    runs = planned_runs(methods, seeds)
+    curve_runs = seeds * len(methods)  # validated MIN_EVAL_POINTS times (and tested); tuning runs once
+    multiples = list(tier.horizons) + ([1.0] if tier.shift and has_shift else [])
+    total = horizon * timing.step  # the coefficient trace
+    for multiple in multiples:
+        steps = max(1, round(multiple * horizon))
+        passes = curve_runs * (min(steps, MIN_EVAL_POINTS) + 1) + runs - curve_runs
+        total += runs * steps * timing.step + passes * timing.validation
+    fixed = timing.startup * (1 + (len(multiples) if workers > 1 else 0))
+    return total / (PARALLEL_GAIN if workers > 1 else 1.0) + fixed
 
 
-def plan(horizon: int, budget_s: float, seeds: int, step_s: float, workers: int) -> dict[str, Any]:
-    """Split the budget: evaluation cost is fixed by the protocol, meta-training gets a share of the rest."""
-    # measured: validation passes add ~50% to a single process; two workers win most of it back
-    eval_s = evaluation_steps(horizon, seeds, BASELINES) * step_s * (1.5 if workers < 2 else 1.15)
-    meta_s = max(min(45.0, 0.3 * budget_s), min(budget_s * META_SHARE, budget_s - eval_s))
-    return {"step_seconds": step_s, "eval_seconds_estimate": eval_s, "meta_seconds": meta_s,
-            "horizon": horizon, "seeds": seeds, "baselines": list(BASELINES),
-            "horizons": list(HORIZONS), "shift": SHIFT}
+def min_meta_seconds(horizon: int, timing: Timing) -> float:
+    return max(META_MIN_SECONDS, META_MIN_UNROLLS * horizon * timing.step)
+
+
+def plan(horizon: int, budget_s: float, seeds: int | None, timing: Timing, workers: int,
+         has_shift: bool) -> dict[str, Any] | None:
+    """The largest tier whose evaluation leaves meta-training its share; meta-training gets the rest of
+    `budget_s`. None when not even the smallest tier fits. `seeds` overrides the tiers' seed counts."""
+    for tier in reversed(TIERS):
+        eval_s = evaluation_seconds(tier, horizon, seeds or tier.seeds, timing, workers, has_shift)
+        meta_s = budget_s - eval_s
+        if meta_s >= min_meta_seconds(horizon, timing) and (tier is TIERS[0] or meta_s >= META_MIN_SHARE * budget_s):
+            return {"step_seconds": timing.step, "validation_seconds": timing.validation,
+                    "eval_seconds_estimate": eval_s, "meta_seconds": meta_s, "horizon": horizon,
+                    "seeds": seeds or tier.seeds, "baselines": list(tier.baselines),
+                    "horizons": list(tier.horizons), "shift": tier.shift and has_shift}
+    return None
+
+
+def smallest_seconds(horizon: int, seeds: int | None, timing: Timing, workers: int, has_shift: bool) -> float:
+    """The budget of the smallest tier (besides preparing)."""
+    tier = TIERS[0]
+    return (evaluation_seconds(tier, horizon, seeds or tier.seeds, timing, workers, has_shift)
+            + min_meta_seconds(horizon, timing))
 
 
 def headline(result: EvaluationResult) -> dict[str, Any]:
@@ -134,29 +203,44 @@ def print_table(head: dict[str, Any]) -> None:
           f"{row['l3rs_run_seconds']:.1f} s vs the baselines' LR sweeps {row['baselines_sweep_seconds']:.0f} s")
 
 
-def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
-               budget_minutes: float = DEFAULT_BUDGET_MINUTES, estimator: str | None = None, seeds: int = 3,
-               workers: int = 2, resume: bool = False, progress: bool = True,
-               horizon: int = QUICK_HORIZON) -> dict[str, Any]:
-    """Run every stage; returns the headline figures (also written to out/headline.json)."""
-    start = time.perf_counter()
-    out = Path(out)
+def _prepare(task_spec: str, out: Path, budget_minutes: float, seeds: int | None, workers: int, resume: bool,
+             horizon: int, start: float) -> tuple[Any, dict[str, Any]]:
+    """Load the task (pretraining its backbone if needed), measure, and plan; refuse a budget too small."""
+    family = tasks.family(task_spec)
+    plan_file = out / "plan.json"
+    if resume and plan_file.exists():
+        return family, json.loads(plan_file.read_text())
+    timing = measure(family.base)
+    has_shift = f"{task_spec}:{SHIFT}" in tasks.names()
+    spent = time.perf_counter() - start
+    stages = plan(horizon, 60 * budget_minutes - spent, seeds, timing, workers, has_shift)
+    if stages is None:
+        needed = spent + smallest_seconds(horizon, seeds, timing, workers, has_shift)
+        raise UsageError(f"quickstart: --budget-minutes {budget_minutes:g} is below the smallest quickstart of "
+                         f"{task_spec} on this machine (preparing took {spent:.0f} s, a step "
+                         f"{1000 * timing.step:.1f} ms): {math.ceil(needed / 6) / 10:g} minutes")
     if out.exists() and not resume:
         shutil.rmtree(out)  # a quickstart without --resume starts over
     out.mkdir(parents=True, exist_ok=True)
-    budget_s = 60 * budget_minutes
+    plan_file.write_text(json.dumps(stages, indent=1))
+    return family, stages
 
+
+def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
+               budget_minutes: float = DEFAULT_BUDGET_MINUTES, estimator: str | None = None,
+               seeds: int | None = None, workers: int = 2, resume: bool = False, progress: bool = True,
+               horizon: int = QUICK_HORIZON) -> dict[str, Any]:
+    """Run every stage within `budget_minutes`; returns the headline figures (also in out/headline.json).
+
+    The budget sizes everything together: the evaluation tier (horizons, seeds, baselines, shift) and the
+    meta-training time. `seeds` (default: the tier's) overrides the evaluation seeds."""
+    start = time.perf_counter()
+    out = Path(out)
     _stage(f"1/3 prepare: {task_spec} (pretrained backbone, data)")
-    family = tasks.family(task_spec)
-    task = family.base
-    plan_file = out / "plan.json"
-    if resume and plan_file.exists():
-        stages = json.loads(plan_file.read_text())
-    else:
-        stages = plan(horizon, budget_s - (time.perf_counter() - start), seeds, step_seconds(task), workers)
-        plan_file.write_text(json.dumps(stages, indent=1))
-    print(f"one step ≈ {1000 * stages['step_seconds']:.0f} ms; horizon {stages['horizon']} steps; evaluation ≈ "
-          f"{stages['eval_seconds_estimate'] / 60:.1f} min", flush=True)
+    family, stages = _prepare(task_spec, out, budget_minutes, seeds, workers, resume, horizon, start)
+    print(f"one step ≈ {1000 * stages['step_seconds']:.0f} ms; horizon {stages['horizon']} steps; evaluation "
+          f"(horizons ×{', ×'.join(f'{h:g}' for h in stages['horizons'])}, {stages['seeds']} seeds, "
+          f"{len(stages['baselines'])} baselines) ≈ {stages['eval_seconds_estimate'] / 60:.1f} min", flush=True)
 
     _stage("2/3 meta-train L3RS", stages["meta_seconds"])
     meta_dir = out / "meta"
@@ -172,22 +256,24 @@ def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
                           progress=progress)
         (out / "meta.done").write_text("")
 
-    shifts = [SHIFT] if f"{task_spec}:{SHIFT}" in tasks.names() else []
-    _stage("3/3 evaluate on held-out seeds, 1x/2x/5x horizons" + (f" and the unseen shift :{SHIFT}" if shifts else ""))
-    result = evaluate(best, task_spec, out / "eval", horizons=HORIZONS, seeds=seeds, baselines=BASELINES,
-                      shifts=shifts, progress=progress, workers=workers)
+    shifts = [SHIFT] if stages["shift"] else []
+    _stage("3/3 evaluate on held-out seeds" + (f" and the unseen shift :{SHIFT}" if shifts else ""))
+    result = evaluate(best, task_spec, out / "eval", horizons=stages["horizons"], seeds=stages["seeds"],
+                      baselines=stages["baselines"], shifts=shifts, progress=progress, workers=workers)
     head = headline(result)
-    head["wall_seconds"] = time.perf_counter() - start
-    head["task"] = task_spec
+    head.update(wall_seconds=time.perf_counter() - start, budget_seconds=60 * budget_minutes, task=task_spec)
     (out / "headline.json").write_text(json.dumps(head, indent=1))
     print_table(head)
-    print(f"\nreport: {out / 'eval' / 'report.md'} (and report.html); total {head['wall_seconds'] / 60:.1f} min")
+    print(f"\nreport: {out / 'eval' / 'report.md'} (and report.html); total {head['wall_seconds'] / 60:.1f} min "
+          f"of a {budget_minutes:g}-minute budget")
     return head
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.budget_minutes <= 0 or args.seeds < 1:
-        raise UsageError("quickstart: --budget-minutes must be > 0 and --seeds >= 1")
+    if not args.budget_minutes > 0:
+        raise UsageError(f"quickstart: --budget-minutes must be > 0, got {args.budget_minutes:g}")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError("quickstart: --seeds must be >= 1")
     if args.horizon < 1:
         raise UsageError("quickstart: --horizon must be >= 1")
     quickstart(args.task, args.out, args.budget_minutes, args.estimator, args.seeds, args.workers, args.resume,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,7 +332,8 @@ def test_optimizer_for_another_model_is_a_one_line_error(tiny: str, tmp_path, ca
 
 
 @pytest.mark.parametrize("flags", [["--baselines", "adamw,lion"], ["--horizons", "1,x"], ["--horizons", "0"],
-                                   ["--seeds", "0"], ["--shifts", "no-such-task"]])
+                                   ["--seeds", "0"], ["--shifts", "no-such-task"], ["--budget-minutes", "0"],
+                                   ["--budget-minutes", "-1"]])
 def test_bad_flags_are_one_line_errors(tiny: str, opt_dir: str, tmp_path, capsys, flags: list[str]) -> None:
     rc, err = run_cli(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(tmp_path / "o"),
                        "--no-progress", *flags], capsys)
@@ -348,3 +354,29 @@ def test_parallel_runner_matches_sequential(tiny: str) -> None:
     for m, hp, seed, curves in requests:
         a, b = parallel.run(m, hp, seed, curves), sequential.run(m, hp, seed, curves)
         assert a.final_val_loss == pytest.approx(b.final_val_loss, rel=1e-4)
+
+
+# -------------------------------------------------------------------------------------- benchmarks/suite
+@pytest.fixture
+def suite(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    return importlib.import_module("benchmarks.suite")
+
+
+def test_break_even_counts_jobs_until_meta_training_pays_off(suite) -> None:
+    assert suite.break_even(100.0, sweep_s=9.0, baseline_run_s=1.0, l3rs_run_s=1.0) == 12  # 112 < 120
+    assert suite.break_even(90.0, sweep_s=9.0, baseline_run_s=1.0, l3rs_run_s=1.0) == 11  # 10 jobs only tie
+    assert suite.break_even(5.0, sweep_s=0.0, baseline_run_s=1.0, l3rs_run_s=2.0) is None
+
+
+@pytest.mark.slow
+def test_suite_smoke_run_on_a_tiny_task(suite, tiny: str, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run([sys.executable, suite.__file__, "--tasks", tiny, "--budget-minutes", "0.1",
+                           "--seeds", "2", "--baselines", "adamw,prodigy", "--shifts", "none", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(proc.stdout)
+    assert [r["task"] for r in report["rows"]] == [tiny] and report["rows"][0]["verdict"] in ("better", "tie", "worse")
+    assert report["break_even"][0]["meta_train_cpu_seconds"] > 0
+    assert "| task | scenario |" in (tmp_path / "suite.md").read_text()
+    assert (tmp_path / "suite.png").read_bytes()[:4] == b"\x89PNG"

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--ablations", action="store_true",
                         help="also meta-train + evaluate ablations (global, adam-only, no-features): costly")
     parser.add_argument("--budget-minutes", type=float, default=None,
-                        help="meta-training budget of each ablation (default: the main optimizer's)")
+                        help="meta-training budget of each ablation, > 0 (default: the main optimizer's); "
+                             "the evaluation itself is sized by --horizons, --seeds and --baselines")
     parser.add_argument("--shifts", default="auto",
                         help="unseen-data variants evaluated at 1x: 'auto' (all the task offers), 'none', or "
                              f"comma-separated names ({', '.join(SHIFT_SCENARIOS)}) or task specs")
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.budget_minutes is not None and not args.budget_minutes > 0:
+        raise UsageError(f"--budget-minutes must be > 0, got {args.budget_minutes:g}")
     listed = [s.strip() for s in args.shifts.split(",") if s.strip()]
     shifts = {"auto": None, "none": []}.get(args.shifts, listed)
     result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),

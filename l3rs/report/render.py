@@ -52,6 +52,9 @@ def blocks(result: EvaluationResult, plots: dict[str, str]) -> list[Block]:
                       "extended past an edge when the best LR sits on it); then head LR × "
                       f"{', '.join(f'{m:g}' for m in settings.head_multipliers)} or the ATMO Adam share "
                       f"{', '.join(f'{m:g}' for m in settings.atmo_mixes)} at the best LR.",
+                      "LR-free baselines (schedulefree-adamw, prodigy, dog, ldog) run at their packages' "
+                      "defaults without a sweep; for schedule-free and averaged optimizers the evaluated weights "
+                      "are the averaged ones.",
                       "Speed-up: steps the best tuned baseline needs to reach its own final validation loss "
                       "(mean curve over seeds) / steps the method needs; '>T' = never within the run.",
                       f"Intervals: 95% paired bootstrap over the evaluation seeds ({settings.bootstrap['resamples']} "

@@ -1,0 +1,179 @@
+"""One suite, one table: for every built-in task, `l3rs meta-train` with the CLI defaults, then the evaluation
+protocol (tuned baselines on 2 tuning seeds, paired evaluation seeds, bootstrap intervals); prints JSON.
+
+    python benchmarks/suite.py [--tasks all|name,...] [--budget-minutes 60] [--horizons 1] [--seeds 5]
+                               [--baselines adamw,...|all] [--shifts rotated|auto|none] [--out runs/suite]
+
+Writes OUT/suite.md (one table: L3RS vs the best tuned baseline per task and scenario, with 95% intervals,
+plus the break-even count per task) and OUT/suite.png (the final-loss ratio and its interval per task and
+scenario). `--budget-minutes` is the whole suite's: each task gets an equal share, META_SHARE of it for
+meta-training (the evaluation's size is set by --horizons/--seeds/--baselines; the JSON says what each
+stage took, to size the next run).
+
+Break-even: after how many fine-tuning jobs meta-training once + one L3RS run per job costs less CPU time
+than, per job, sweeping the best baseline's LR (its tuning runs at 1x) + one run at the chosen LR.
+Meta-training CPU time is measured with getrusage over the `l3rs meta-train` process tree; evaluation runs
+are single-threaded, so their recorded wall seconds are CPU seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from l3rs import tasks  # noqa: E402
+from l3rs.evaluate import BASELINES, evaluate  # noqa: E402
+from l3rs.io import finite, machine, save_json  # noqa: E402
+from l3rs.quickstart import BASELINES as QUICK_BASELINES  # noqa: E402
+from l3rs.report.tables import plus_minus, vs_best_text  # noqa: E402
+from l3rs.results import EvaluationResult, VsBest  # noqa: E402
+
+META_SHARE = 0.4  # of each task's share of the budget
+DEFAULT_BASELINES = (*QUICK_BASELINES, "dog")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def meta_train(task: str, out: Path, budget_minutes: float) -> tuple[Path, float]:
+    """`l3rs meta-train` with the CLI defaults and a budget; returns (best optimizer dir, CPU seconds)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    before = children_cpu_seconds()
+    subprocess.run([sys.executable, "-m", "l3rs", "meta-train", "--task", task, "--out", str(out),
+                    "--budget-minutes", f"{budget_minutes:g}", "--no-progress"],
+                   check=True, env=env, stdout=sys.stderr)
+    return out / "best", children_cpu_seconds() - before
+
+
+def break_even(meta_cpu_s: float, sweep_s: float, baseline_run_s: float, l3rs_run_s: float) -> int | None:
+    """Fewest jobs n with meta + n·l3rs_run < n·(sweep + baseline_run); None when L3RS never catches up."""
+    saving = sweep_s + baseline_run_s - l3rs_run_s
+    return math.floor(meta_cpu_s / saving) + 1 if saving > 0 else None
+
+
+def rows_of(task: str, result: EvaluationResult) -> list[dict[str, Any]]:
+    """One row per scenario: L3RS against the best tuned baseline."""
+    out = []
+    for scenario in result.scenarios:
+        ours = scenario.methods["l3rs"]
+        out.append({"task": task, "scenario": scenario.label, "best_baseline": scenario.best_baseline,
+                    "l3rs_val_loss": plus_minus(ours.summary.val_loss),
+                    "baseline_val_loss": plus_minus(scenario.methods[scenario.best_baseline].summary.val_loss),
+                    "ratio": ours.vs_best.ratio, "ratio_ci95": ours.vs_best.ratio_ci95,
+                    "speedup": ours.vs_best.speedup, "speedup_ci95": ours.vs_best.speedup_ci95,
+                    "verdict": ours.vs_best.verdict})
+    return out
+
+
+def cost_of(task: str, result: EvaluationResult, meta_cpu_s: float) -> dict[str, Any]:
+    """Break-even at the meta-training horizon (the first scenario)."""
+    first = result.scenarios[0]
+    best, ours = first.methods[first.best_baseline], first.methods["l3rs"]
+    sweep_s, base_run, l3rs_run = best.tuning.seconds, best.summary.seconds.mean, ours.summary.seconds.mean
+    return {"task": task, "meta_train_cpu_seconds": meta_cpu_s, "best_baseline": first.best_baseline,
+            "sweep_seconds_per_job": sweep_s, "baseline_run_seconds": base_run, "l3rs_run_seconds": l3rs_run,
+            "break_even_jobs": break_even(meta_cpu_s, sweep_s, base_run, l3rs_run)}
+
+
+def markdown(rows: list[dict[str, Any]], costs: list[dict[str, Any]]) -> str:
+    lines = ["| task | scenario | best tuned baseline | its val loss | L3RS val loss | loss ratio [95% CI] | "
+             "speed-up [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio, speed = vs_best_text(_vs_best(r))
+        lines.append(f"| {r['task']} | {r['scenario']} | {r['best_baseline']} | {r['baseline_val_loss']} | "
+                     f"{r['l3rs_val_loss']} | {ratio} | {speed} | {r['verdict']} |")
+    lines += ["", "| task | meta-training CPU s | best baseline | its LR sweep s per job | break-even (jobs) |",
+              "|---|---|---|---|---|"]
+    for c in costs:
+        jobs = "never" if c["break_even_jobs"] is None else str(c["break_even_jobs"])
+        lines.append(f"| {c['task']} | {c['meta_train_cpu_seconds']:.0f} | {c['best_baseline']} | "
+                     f"{c['sweep_seconds_per_job']:.1f} | {jobs} |")
+    return "\n".join(lines) + "\n"
+
+
+def _vs_best(row: dict[str, Any]) -> VsBest:
+    return VsBest(row["ratio"], row["ratio_ci95"], row["speedup"], row["speedup_ci95"], row["verdict"])
+
+
+def figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Final-loss ratio vs the best tuned baseline with its 95% interval, one line per task and scenario."""
+    colors = {"better": "#2ca02c", "tie": "#7f7f7f", "worse": "#d62728"}
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    for i, r in enumerate(rows):
+        lo, hi = (min(v, 1e3) for v in r["ratio_ci95"])  # a diverged seed makes the interval infinite
+        ratio = min(r["ratio"], 1e3)
+        ax.errorbar(ratio, i, xerr=[[ratio - lo], [hi - ratio]], fmt="o", color=colors[r["verdict"]], capsize=3)
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["scenario"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="L3RS final val loss / best tuned baseline's (95% CI; < 1 is better)",
+           title="L3RS vs the best tuned baseline")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _list(text: str, every: list[str]) -> list[str]:
+    return every if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="all", help="'all' built-in tasks or comma-separated task specs")
+    parser.add_argument("--budget-minutes", type=float, default=60.0, help="whole suite (default 60)")
+    parser.add_argument("--horizons", default="1", help="multiples of the meta-training horizon (default 1)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), help="comma-separated, or 'all'")
+    parser.add_argument("--shifts", default="rotated", help="'auto', 'none' or comma-separated variants")
+    parser.add_argument("--out", default="runs/suite")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # single-threaded runs: their wall seconds are CPU seconds
+    names = _list(args.tasks, [n for n in tasks.names() if ":" not in n])
+    baselines = _list(args.baselines, list(BASELINES))
+    horizons = [float(h) for h in args.horizons.split(",")]
+    meta_minutes = META_SHARE * args.budget_minutes / len(names)
+    out, start, rows, costs, stages = Path(args.out), time.perf_counter(), [], [], []
+    for name in names:
+        known = set(tasks.names())
+        shifts = {"auto": None, "none": []}.get(args.shifts, [s for s in args.shifts.split(",")
+                                                              if f"{name}:{s}" in known])
+        t0 = time.perf_counter()
+        best, meta_cpu = meta_train(name, out / name / "meta", meta_minutes)
+        t1 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate(best, name, out / name / "eval", horizons=horizons, seeds=args.seeds,
+                              baselines=baselines, shifts=shifts, progress=False, workers=2)
+        rows += rows_of(name, result)
+        costs.append(cost_of(name, result, meta_cpu))
+        stages.append({"task": name, "meta_train_seconds": t1 - t0, "evaluate_seconds": time.perf_counter() - t1})
+    table = out / "suite.md"
+    table.write_text(markdown(rows, costs))
+    report = {"settings": vars(args), "machine": machine(), "rows": rows, "break_even": costs, "stages": stages,
+              "table": str(table), "figure": str(figure(rows, out / "suite.png")),
+              "seconds": time.perf_counter() - start}
+    save_json(report, out / "suite.json")
+    print(json.dumps(finite(report), indent=1))
+
+
+if __name__ == "__main__":
+    main()
