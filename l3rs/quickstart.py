@@ -246,12 +246,11 @@ def quickstart(task_spec: str = DEFAULT_TASK, out: str | Path = DEFAULT_OUT,
     meta_dir = out / "meta"
     best = meta_dir / "best"
     if not (out / "meta.done").exists():
+        # the CLI's recipe (sampled run lengths, base schedule, multi-horizon selection), only shorter runs and
+        # the planned budget: short truncations tuned to one horizon won at 1x and lost at 5x (docs/RESULTS.md)
         defaults = meta.MetaConfig()
-        # truncations of a quarter horizon: the bptt objective averages validation loss at every truncation
-        # end, so short ones reward early progress (measured: speed-up 1.0x -> 2.2x at truncation 25 -> 15)
         cfg = meta.MetaConfig(estimator=estimator or defaults.estimator, iterations=1_000_000,
-                              horizon=stages["horizon"], truncation=max(5, stages["horizon"] // 4),
-                              budget_minutes=stages["meta_seconds"] / 60, workers=workers)
+                              horizon=stages["horizon"], budget_minutes=stages["meta_seconds"] / 60, workers=workers)
         best = meta.train(family, meta_dir, cfg, resume=resume and (meta_dir / "checkpoint.safetensors").exists(),
                           progress=progress)
         (out / "meta.done").write_text("")
