@@ -71,8 +71,8 @@ class TextRecipe:
 
     @property
     def description(self) -> str:
-        return (f"MiniLM-L6 (all-MiniLM-L6-v2) top {self.trainable_blocks} block(s) + new head -> "
-                f"chatterbot-corpus English topic classification ({len(self.topics)} topics)")
+        return (f"MiniLM-L6 (all-MiniLM-L6-v2), top {self.trainable_blocks} of {LAYERS} blocks + new head "
+                f"(lower blocks cached) -> chatterbot-corpus English topics ({len(self.topics)} classes)")
 
 
 RECIPE = TextRecipe()
