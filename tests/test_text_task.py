@@ -141,6 +141,8 @@ def test_family_samples_subsets_of_the_main_training_split(family, heldout):
     assert not torch.equal(family.sample(0).train[0], family.sample(1).train[0])
     assert not torch.equal(family.sample(0).model_fn(0).fc.weight, family.sample(1).model_fn(0).fc.weight)
     assert heldout.base.meta["topics"] == list(SMALL.heldout_topics)
+    shapes = {n: p.shape for n, p in family.base.model_fn(0).named_parameters()}
+    assert shapes == {n: p.shape for n, p in heldout.base.model_fn(0).named_parameters()}  # one optimizer fits both
 
 
 def test_heldout_topics_and_texts_are_disjoint_from_the_main_task():

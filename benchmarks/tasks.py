@@ -1,12 +1,13 @@
-"""The `minilm-chatterbot` task's costs and fine-tuning gap; print JSON (the figures in docs/tasks.md).
+"""Costs of the built-in tasks and the text task's fine-tuning gap; print JSON (the figures in docs/tasks.md).
 
-    python benchmarks/text_task.py [--seeds 3] [--lrs 1e-4,3e-4,1e-3,3e-3] [--out runs/text_task.json]
+    python benchmarks/tasks.py [--seeds 3] [--lrs 1e-4,3e-4,1e-3,3e-3] [--out runs/tasks.json]
 
-Measures: building the frozen-block cache cold (in a fresh cache dir) and warm; one fine-tuning step
-(AdamW, the task's batch size) and one L3RS unroll step, CPU and wall seconds at 1 and 2 threads; and
-validation/test accuracy of a fresh head (chance), nearest class mean on the pretrained sentence embedding
-(zero-shot: no gradient step), AdamW on the head only, and AdamW on top block + head, at the task's horizon,
-LR picked per method by mean final validation loss over the seeds.
+Measures, for every built-in task: one AdamW fine-tuning step at the task's batch size (median CPU and wall
+seconds, 1 thread). For `minilm-chatterbot`, also: building the frozen-block cache cold (in a fresh cache
+dir) and warm; one AdamW step and one L3RS unroll step at 1 and 2 threads; and validation/test accuracy of
+a fresh head (chance), nearest class mean on the pretrained sentence embedding (zero-shot: no gradient
+step), AdamW on the head only, and AdamW on top block + head, at the task's horizon, the LR picked per
+method by mean final validation loss over the seeds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from l3rs import tasks
 from l3rs.functional import Config
 from l3rs.io import machine, save_json
 from l3rs.meta.unroll import unroll
@@ -61,18 +63,24 @@ def _median_step(run_steps, steps: int) -> dict:
     return {"cpu_s": round(statistics.median(cpu), 4), "wall_s": round(statistics.median(wall), 4)}
 
 
-def step_seconds(task: Task, steps: int) -> dict:
+def _adamw_steps(task: Task):
     model = task.model_fn(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = iter(task.batches(0, 10_000))
 
-    def adamw(n: int) -> None:
+    def run(n: int) -> None:
         for _ in range(n):
             x, y = next(batches)
             loss = task.loss(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+    return run
+
+
+def step_seconds(task: Task, steps: int) -> dict:
+    """AdamW and L3RS unroll steps of `task` at 1 and 2 threads, and a first-order meta-gradient unroll."""
+    model, adamw = task.model_fn(0), _adamw_steps(task)
 
     config = Config()
     meta = config.init_meta(sum(p.requires_grad for p in model.parameters()))
@@ -141,6 +149,7 @@ def accuracy(task: Task, seeds: int, lrs: list[float]) -> dict:
 
 
 def run(seeds: int, lrs: list[float], step_samples: int, cache: Path) -> dict:
+    """The text task's figures, built in the empty cache dir `cache`."""
     result = {"recipe": asdict(text.RECIPE), "load_before": os.getloadavg(), "cache": cache_seconds(cache)}
     main_task = text.make_family().base
     result["step"] = step_seconds(main_task, step_samples)
@@ -158,13 +167,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     parser.add_argument("--step-samples", type=int, default=20)
+    parser.add_argument("--tasks", default="mnistcnn-digits,cnn04-mnist59,mlp-mnist1d-shift,effnet-mnist",
+                        help="built-in tasks whose AdamW step is timed too (their usual cache dir)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lrs = [float(v) for v in args.lrs.split(",")]
     torch.set_num_threads(1)
+    steps = {name: _median_step(_adamw_steps(tasks.get(name)), args.step_samples)
+             for name in args.tasks.split(",") if name}
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["L3RS_CACHE"] = tmp  # a cold cache, used for the whole run
+        os.environ["L3RS_CACHE"] = tmp  # a cold cache, used for the whole text run
         result = run(args.seeds, lrs, args.step_samples, Path(tmp))
+    result["adamw_step_1t"] = steps
     if args.out:
         save_json(result, Path(args.out))
     print(json.dumps(result, indent=1, default=str))
