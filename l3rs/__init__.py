@@ -7,9 +7,10 @@ from typing import Any
 from l3rs import bases, functional, mixer
 from l3rs.functional import Config
 from l3rs.optim import L3RS, CheckpointError
+from l3rs.version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["L3RS", "CheckpointError", "Config", "Task", "TaskFamily", "bases", "functional", "mixer", "tasks"]
+__all__ = ["L3RS", "CheckpointError", "Config", "Task", "TaskFamily", "__version__", "bases", "functional", "mixer",
+           "tasks"]
 
 
 def __getattr__(name: str) -> Any:

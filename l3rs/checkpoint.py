@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from l3rs import mixer
 from l3rs.functional import Config
 from l3rs.io import atomic_write
+from l3rs.version import __version__
 
 FORMAT = "l3rs-optimizer"
 FORMAT_VERSION = 2  # 2: horizon-relative time features and a base schedule (1.x dirs are refused)
@@ -79,7 +80,6 @@ def match_embedding(meta: mixer.Meta, info: dict[str, Any], names: list[str], sh
 def save_meta(path: str | os.PathLike, meta: mixer.Meta, config: Config, names: list[str],
               shapes: list[tuple[int, ...]], lr: float, total_steps: int | None, **info: Any) -> Path:
     """Save meta-parameters as an optimizer directory loadable by `L3RS.from_pretrained`."""
-    from l3rs import __version__
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

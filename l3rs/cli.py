@@ -11,6 +11,9 @@ import importlib
 import os
 import sys
 
+from l3rs.errors import UsageError
+from l3rs.version import __version__
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tasks": ("l3rs.tasks.command", "list the built-in tasks"),
@@ -20,10 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("l3rs.report.command", "plot what a saved optimizer learned (λ and μ per tensor over time)"),
     "quickstart": ("l3rs.quickstart", "the whole story on the default task, on 2 CPU cores"),
 }
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(_command(argv)).parse_args(argv)
         if args.version:
-            from l3rs import __version__
 
             print(__version__)
             return 0

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from l3rs.version import __version__
+
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` into a temporary file beside `path`, then rename it over `path`: a reader (or a kill)
@@ -51,8 +53,6 @@ def save_json(obj: Any, path: Path) -> Path:
 
 def machine() -> dict[str, Any]:
     """What a measurement ran on (saved beside every result)."""
-    from l3rs import __version__
-
     return {"platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "l3rs": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

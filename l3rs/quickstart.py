@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from l3rs import meta, tasks
-from l3rs.cli import UsageError
+from l3rs.errors import UsageError
 from l3rs.evaluate import BASELINES as ALL_BASELINES
 from l3rs.evaluate import Method, evaluate
 from l3rs.evaluate.runs import MIN_EVAL_POINTS

@@ -184,12 +184,12 @@ def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator
 
 
 def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
-    cfg = small(lr0=None, lr0_grid=(0.001, 0.03, 1.0), iterations=1)
+    cfg = small(lr0=None, lr0_grid=(1e-4, 0.03, 10.0), iterations=1)  # too small, fine, diverging
     assert tune_lr0(stiff_task(), cfg) == 0.03
     best = train(stiff_task(), tmp_path, cfg, progress=False)
     sweep = json.loads((best / "optimizer.json").read_text())["lr0_sweep"]
-    assert sweep["grid"] == [0.001, 0.03, 1.0] and sweep["lr0"] == 0.03 and sweep["seconds"] > 0
-    assert min(sweep["val_loss"]) == sweep["val_loss"][1] and sweep["steps"] == 3 * 2 * H
+    assert sweep["grid"] == [1e-4, 0.03, 10.0] and sweep["lr0"] == 0.03 and sweep["seconds"] > 0
+    assert min(sweep["val_loss"]) == sweep["val_loss"][1] and sweep["steps"] <= 3 * 2 * H
 
 
 # ------------------------------------------------------------------------------------ a real task

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from l3rs.cli import UsageError
+from l3rs.errors import UsageError
 from l3rs.evaluate.methods import BASELINES
 from l3rs.evaluate.protocol import SHIFT_SCENARIOS, evaluate
 

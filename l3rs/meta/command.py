@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from l3rs.errors import UsageError
 from l3rs.functional import SCHEDULES, Config
 from l3rs.meta.config import ESTIMATOR_NAMES, OBJECTIVES, MetaConfig
 
@@ -78,7 +79,6 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def meta_config(args: argparse.Namespace) -> MetaConfig:
     """MetaConfig from parsed arguments (bad values become one-line usage errors)."""
-    from l3rs.cli import UsageError
 
     budget = args.budget_minutes
     if budget is not None and not budget >= MIN_BUDGET_MINUTES:
@@ -103,7 +103,6 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l3rs.cli import UsageError
     from l3rs.meta.train import train
     from l3rs.tasks import resolve
 

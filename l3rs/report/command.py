@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from l3rs import tasks
-from l3rs.cli import UsageError
+from l3rs.errors import UsageError
 from l3rs.optim import load_meta
 from l3rs.report.plots import plot_trace
 from l3rs.report.trace import trace
