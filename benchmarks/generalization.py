@@ -65,7 +65,8 @@ def lambda_shape(optimizer_dir: Path, task: Any, multiple: float = 5.0) -> dict[
     they are (mean |log ratio|, correlation of the log curves)."""
     base = json.loads((optimizer_dir / "optimizer.json").read_text())["horizon"]
     short, long = _step_sizes(optimizer_dir, task, base), _step_sizes(optimizer_dir, task, round(multiple * base))
-    log_short, log_long = np.log(short), np.log(long)
+    keep = (short > 0).all(1) & (long > 0).all(1)  # the base schedule ends every run at λ = 0
+    log_short, log_long = np.log(short[keep]), np.log(long[keep])
     corr = float(np.corrcoef(log_short.flatten(), log_long.flatten())[0, 1]) if log_short.std() > 0 else math.nan
     return {"progress": [(k + 1) / PROGRESS_POINTS for k in range(PROGRESS_POINTS)],
             "lambda_1x_mean": short.mean(1).tolist(), f"lambda_{multiple:g}x_mean": long.mean(1).tolist(),
