@@ -76,8 +76,7 @@ class MetaConfig:
         object.__setattr__(self, "lr0_grid", tuple(float(v) for v in self.lr0_grid))
         object.__setattr__(self, "horizon_range", tuple(float(v) for v in self.horizon_range))
         object.__setattr__(self, "validation_horizons", tuple(float(v) for v in self.validation_horizons))
-        lo, hi = (self.horizon_range + (0.0, 0.0))[:2]
-        if len(self.horizon_range) != 2 or not 0 < lo <= hi:
+        if len(self.horizon_range) != 2 or not 0 < self.horizon_range[0] <= self.horizon_range[1]:
             raise ValueError(f"horizon_range must be (lo, hi) with 0 < lo <= hi, got {self.horizon_range!r}")
         if not self.validation_horizons or min(self.validation_horizons) <= 0:
             raise ValueError(f"validation_horizons must be positive multiples, got {self.validation_horizons!r}")
