@@ -34,6 +34,7 @@ _MIXES = ("softmax", "linear")
 _SCOPES = ("tensor", "global")
 _FEATURES = ("all", "none")
 SCHEDULES = ("cosine", "linear", "constant")
+STEP_BUDGETS = ("shared", "free")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class Config:
     max_log_scale: float = 3.0  # s is soft-clipped to ±this: λ deviates from the schedule by e^±3 at most
     schedule: str = "cosine"  # base schedule b(t/T): "cosine" | "linear" decay after warm-up, or "constant"
     warmup: float = 0.05  # fraction of the run spent warming b up linearly (cosine / linear schedules)
+    # "shared": the mixer only redistributes the step across tensors, the model-wide RMS step stays
+    # λ0·b(t/T) (truncated meta-gradients otherwise shrink every λ: short-horizon bias); "free": each λ_l
+    # moves on its own within e^±max_log_scale
+    step_budget: str = "shared"
     reference_horizon: int | None = None  # meta-training horizon: feeds the log(T / T_ref) feature
     hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
 
@@ -64,7 +69,8 @@ class Config:
         if len(set(self.bases)) != len(self.bases):
             raise ValueError(f"bases contains duplicates: {self.bases}")
         for key, value, allowed in (("mix", self.mix, _MIXES), ("scope", self.scope, _SCOPES),
-                                    ("features", self.features, _FEATURES), ("schedule", self.schedule, SCHEDULES)):
+                                    ("features", self.features, _FEATURES), ("schedule", self.schedule, SCHEDULES),
+                                    ("step_budget", self.step_budget, STEP_BUDGETS)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         if not 0 <= self.warmup < 1:
@@ -97,7 +103,7 @@ class Config:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"step_budget": "free", **d})  # optimizers saved before step_budget existed: free λ
 
     def init_meta(self, num_tensors: int, seed: int = 0) -> mixer.Meta:
         """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global")."""
@@ -150,10 +156,14 @@ def schedule(config: Config, step: int, total_steps: int | None) -> float:
 
 
 def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float, step: int = 0,
-                 total_steps: int | None = None) -> tuple[Tensor, Tensor]:
-    """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run."""
+                 total_steps: int | None = None, sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run; `sizes` (numel per
+    tensor) weighs the tensors when the step budget is shared."""
     s, logits = mixer.apply(meta, x, _index(config, x.shape[0], x.device))
     s = config.max_log_scale * torch.tanh(s / config.max_log_scale)
+    if config.step_budget == "shared":  # Σ n_l e^{2 s_l} = Σ n_l: the RMS step over all elements is λ0·b
+        weights = torch.ones_like(s) if sizes is None else sizes.to(s.dtype)
+        s = s - 0.5 * (torch.logsumexp(2 * s + weights.log(), 0) - weights.sum().log())
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
     return lr * schedule(config, step, total_steps) * torch.exp(s), mix
 
@@ -232,7 +242,7 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
         distance = moved / torch.stack(torch._foreach_norm(moments.theta0)).clamp_min(1e-12)
     fs = features.observe(state.features, loss, grad_rms, _rms(params, sqrt_numel), distance)
     x = feature_matrix(config, fs, state.moments.step, total_steps, len(params), device)
-    lam, mix = coefficients(config, meta, x, lr, state.moments.step, total_steps)
+    lam, mix = coefficients(config, meta, x, lr, state.moments.step, total_steps, sqrt_numel.square())
     base_scale = -lam.unsqueeze(-1) * mix  # [T, P]
 
     # Directions computed this step are summed first (the first one becomes the sum, each later one frees

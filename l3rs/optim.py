@@ -162,9 +162,7 @@ class L3RS(torch.optim.Optimizer):
         self._built = False
         super().__init__(_named(params), {"lr": lr, "weight_decay": weight_decay})
         self.config = config
-        self.total_steps = total_steps
-        self.average_loss = average_loss
-        self.state_dtype = state_dtype
+        self.total_steps, self.average_loss, self.state_dtype = total_steps, average_loss, state_dtype
         self._params, self.param_names = _trainable(self.param_groups)
         device = _one_device(self._params, self.param_names)
         self.meta = self._resolve_meta(meta, _saved, unknown, seed, device)
@@ -340,7 +338,9 @@ class L3RS(torch.optim.Optimizer):
     def _coefficients(self) -> tuple[Tensor, Tensor]:
         x = functional.feature_matrix(self.config, self._feature_state(None), self.step_count, self.total_steps,
                                       len(self._params), self._params[0].device)
-        return functional.coefficients(self.config, self.meta, x, self._lr0(), self.step_count, self.total_steps)
+        sizes = torch.tensor([float(p.numel()) for p in self._params], device=x.device)
+        return functional.coefficients(self.config, self.meta, x, self._lr0(), self.step_count, self.total_steps,
+                                       sizes)
 
     # ------------------------------------------------------------------------------- (de)serialization
     def state_dict(self) -> dict[str, Any]:

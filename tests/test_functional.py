@@ -58,3 +58,27 @@ def test_in_place_step_overwrites_the_moments_and_skips_non_finite_gradients():
         updates, same, coeffs = functional.update_(config, config.init_meta(4), bad, new, params, lr=1e-2)
     assert updates is None and coeffs is None and same is new
     assert all(torch.equal(a, b) for a, b in zip(snapshot, m_buffers, strict=True))
+
+
+def test_shared_step_budget_keeps_the_model_wide_rms_step():
+    """With step_budget="shared" the mixer redistributes λ over tensors: Σ n_l λ_l² = Σ n_l (λ0·b)²."""
+    config = functional.Config()
+    meta = config.init_meta(3, seed=1)
+    meta["layers.2.weight"] = torch.randn_like(meta["layers.2.weight"])  # a mixer that moves s
+    x = torch.randn(3, config.num_features)
+    sizes = torch.tensor([10.0, 1000.0, 5.0])
+    lam, _ = functional.coefficients(config, meta, x, 0.1, step=50, total_steps=100, sizes=sizes)
+    base = 0.1 * functional.schedule(config, 50, 100)
+    assert not torch.allclose(lam, torch.full_like(lam, base))  # the tensors differ ...
+    assert torch.allclose((sizes * lam**2).sum(), sizes.sum() * base**2)  # ... within one budget
+    free = functional.Config(step_budget="free")
+    lam_free, _ = functional.coefficients(free, meta, x, 0.1, step=50, total_steps=100, sizes=sizes)
+    assert not torch.allclose((sizes * lam_free**2).sum(), sizes.sum() * base**2)
+
+
+def test_configs_saved_before_the_step_budget_keep_their_free_step_sizes():
+    saved = functional.Config(step_budget="free").to_dict()
+    del saved["step_budget"]
+    assert functional.Config.from_dict(saved).step_budget == "free"
+    with pytest.raises(ValueError, match="step_budget"):
+        functional.Config(step_budget="global")

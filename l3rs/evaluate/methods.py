@@ -34,7 +34,8 @@ from l3rs.functional import Config
 from l3rs.mixer import depth
 from l3rs.optim import L3RS
 
-ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global", schedule="constant")  # ATMO: fixed
+ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global", schedule="constant",
+                     step_budget="free")  # ATMO: fixed
 SCHEDULEFREE_LR = 0.0025  # AdamWScheduleFree's default
 SCHEDULEFREE_WARMUP = 0.05  # share of the run
 AVERAGING_GAMMA = 8.0  # dog.PolynomialDecayAverager's default
@@ -80,7 +81,7 @@ def _baselines() -> dict[str, Method]:
 
 BASELINES = _baselines()
 ABLATIONS: dict[str, Callable[[Config], Config]] = {
-    "l3rs-global": lambda c: dataclasses.replace(c, scope="global"),
+    "l3rs-global": lambda c: dataclasses.replace(c, scope="global", step_budget="free"),
     "l3rs-adam-only": lambda c: dataclasses.replace(c, bases=("adam",)),
     "l3rs-no-features": lambda c: dataclasses.replace(c, features="none"),
 }

@@ -7,7 +7,7 @@ import json
 import os
 
 from l3rs.errors import UsageError
-from l3rs.functional import SCHEDULES, Config
+from l3rs.functional import SCHEDULES, STEP_BUDGETS, Config
 from l3rs.meta.config import ESTIMATOR_NAMES, OBJECTIVES, MetaConfig
 
 DEFAULT_BUDGET_MINUTES = 5.0
@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="iterations between held-out validations (they pick the kept checkpoint)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=Config.schedule,
                         help="base schedule the learned step size deviates from")
+    parser.add_argument("--step-budget", choices=STEP_BUDGETS, default=Config.step_budget,
+                        help="shared: the learned λ only redistributes λ0·b(t) over tensors (the model-wide "
+                             "RMS step stays the schedule's); free: each tensor's λ moves on its own")
     parser.add_argument("--max-log-scale", type=float, default=Config.max_log_scale,
                         help="bound on the learned deviation: λ within λ0·b(t)·e^±this")
     parser.add_argument("--tasks-per-iteration", type=int, default=d.tasks_per_iteration,
@@ -87,7 +90,8 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
         budget = DEFAULT_BUDGET_MINUTES
     try:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
-        config = Config(bases=bases or Config.bases, schedule=args.schedule, max_log_scale=args.max_log_scale)
+        config = Config(bases=bases or Config.bases, schedule=args.schedule, max_log_scale=args.max_log_scale,
+                        step_budget=args.step_budget)
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=args.iterations or 1_000_000, budget_minutes=budget,
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
