@@ -94,7 +94,8 @@ def test_truncated_slots_run_their_own_horizons_and_restart_there():
 
 def test_validation_score_compares_every_horizon_to_the_untrained_optimizer():
     assert validation_score([0.2, 0.1], [0.2, 0.1]) == 0.0
-    assert validation_score([0.1, 0.2], [0.2, 0.1]) == pytest.approx(0.0)  # a gain at 1x, a loss at 4x
+    assert validation_score([0.1, 0.2], [0.2, 0.1]) == pytest.approx(math.log(2))  # a gain at 1x, a loss at 4x
+    assert validation_score([0.1, 0.08], [0.2, 0.1]) == pytest.approx(math.log(0.8))  # the worst horizon
     assert validation_score([0.1, 0.05], [0.2, 0.1]) == pytest.approx(math.log(0.5))
     assert validation_score([0.1, math.inf], [0.2, 0.1]) == math.inf
 
@@ -111,6 +112,7 @@ def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     assert info["config"]["reference_horizon"] == H  # the optimizer knows the horizon it was trained around
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["validation_score"] is not None for r in lines[1:]] == [True, True, False, True]
+    assert [len(r["validation"] or []) for r in lines[1:]] == [2, 2, 0, 2]  # the loss at each horizon
 
 
 def test_validation_is_due_early_then_every_n_iterations():

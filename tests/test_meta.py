@@ -170,7 +170,10 @@ def test_centered_ranks_give_non_finite_members_the_worst_rank():
     ("bptt", dict(iterations=30, meta_lr=0.03, first_order=False)),  # the exact (second-order) gradient
 ])
 def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator, settings):
-    cfg = small(estimator=estimator, validate_every=5, validation_seeds=2, **settings)
+    # free step sizes: at λ0 = 0.03 the stiff tensor diverges, and a shared budget could lift the slow one by
+    # √2 at most; the answer this test knows is "stiff much smaller than λ0, slow about λ0"
+    cfg = small(estimator=estimator, validate_every=5, validation_seeds=2,
+                config=functional.Config(step_budget="free"), **settings)
     best = train(stiff_task(), tmp_path / estimator, cfg, progress=False)
     info = json.loads((best / "optimizer.json").read_text())
     assert info["estimator"] == estimator and info["horizon"] == H and info["meta_train_steps"] > 0

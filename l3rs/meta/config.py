@@ -23,7 +23,7 @@ class MetaConfig:
     end_weight: a truncation's objective is weighted by 1 + (end_weight - 1) * progress (pes, bptt).
     log_objective: estimators work on log(loss), so runs of any length and tasks of any scale weigh alike.
     validation_horizons: the kept checkpoint ("best") is chosen by held-out validation at these multiples of
-        the horizon (mean of log(val loss / untrained val loss) over them).
+        the horizon (the worst of log(val loss / untrained val loss) over them).
     lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
