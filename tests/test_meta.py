@@ -197,7 +197,7 @@ def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
 
 # ------------------------------------------------------------------------------------ a real task
 def _digits_config(**kw) -> MetaConfig:
-    base = dict(estimator="bptt", horizon=30, truncation=10, iterations=6,
+    base = dict(estimator="bptt", horizon=30, truncation=10, iterations=10,
                 tasks_per_iteration=2, lr0=None, lr0_grid=(3e-4, 1e-3), lr0_seeds=1, validate_every=3,
                 validation_seeds=1, val_subset=256, horizon_range=(1.0, 1.0), validation_horizons=(1.0,))
     return MetaConfig(**{**base, **kw})
