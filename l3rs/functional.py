@@ -6,7 +6,9 @@ For every tensor l (one named parameter):
 
 with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding, and b a fixed
 base schedule over the run's progress t/T (warm-up, then cosine decay): the mixer learns a bounded
-deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T.
+deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
+step_budget="shared", s is shifted so that Σ_l numel_l · exp(2 s_l) = Σ_l numel_l: the mixer redistributes
+the step over tensors and the model-wide RMS step stays λ0 · b(t/T).
 
     state = init(config, params)
     updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
