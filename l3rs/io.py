@@ -27,6 +27,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results and optimizers are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -368,3 +368,10 @@ def test_flatten_unflatten_round_trip():
 def test_public_api_names():
     assert l3rs.L3RS is L3RS
     assert callable(l3rs.bases.available)
+
+
+def test_atomic_writes_leave_files_readable_by_others(tmp_path):
+    from l3rs.io import save_json
+
+    path = save_json({"a": 1}, tmp_path / "x.json")
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -61,3 +61,4 @@ def test_modules_are_short_and_use_no_private_torch_helpers():
         private = set(re.findall(r"torch(?:\.\w+)*\._[a-z]\w*", text)) - {
             m for m in re.findall(r"torch\._foreach_\w+", text)}
         assert not private, f"{path.name} uses private torch helpers {sorted(private)}"
+
