@@ -80,7 +80,6 @@ def match_embedding(meta: mixer.Meta, info: dict[str, Any], names: list[str], sh
 def save_meta(path: str | os.PathLike, meta: mixer.Meta, config: Config, names: list[str],
               shapes: list[tuple[int, ...]], lr: float, total_steps: int | None, **info: Any) -> Path:
     """Save meta-parameters as an optimizer directory loadable by `L3RS.from_pretrained`."""
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in meta.items()}

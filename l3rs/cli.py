@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(_command(argv)).parse_args(argv)
         if args.version:
-
             print(__version__)
             return 0
         if args.command is None:

@@ -26,9 +26,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            if node.level:  # "from . import x" is relative to the package, each extra dot one level up
+                anchor = package.rsplit(".", node.level - 1)[0]
+                base = f"{anchor}.{base}" if base else anchor
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
     return {m for m in found if m in modules and m != name}
 
@@ -58,7 +58,5 @@ def test_modules_are_short_and_use_no_private_torch_helpers():
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert len(text.splitlines()) <= 400, f"{path.name} has over 400 lines"
-        private = set(re.findall(r"torch(?:\.\w+)*\._[a-z]\w*", text)) - {
-            m for m in re.findall(r"torch\._foreach_\w+", text)}
+        private = set(re.findall(r"torch(?:\.\w+)*\._[a-z]\w*", text)) - set(re.findall(r"torch\._foreach_\w+", text))
         assert not private, f"{path.name} uses private torch helpers {sorted(private)}"
-

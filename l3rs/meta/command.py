@@ -82,7 +82,6 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def meta_config(args: argparse.Namespace) -> MetaConfig:
     """MetaConfig from parsed arguments (bad values become one-line usage errors)."""
-
     budget = args.budget_minutes
     if budget is not None and not budget >= MIN_BUDGET_MINUTES:
         raise UsageError(f"meta-train: --budget-minutes must be at least {MIN_BUDGET_MINUTES:g} (got {budget:g})")
