@@ -2,13 +2,14 @@
 
 For every tensor l (one named parameter):
 
-    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p},     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · b(t/T) · exp(s_l)
+    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p},     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · b(t/T) · exp(s_l)
 
 with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding, and b a fixed
-base schedule over the run's progress t/T (warm-up, then cosine decay): the mixer learns a bounded
+base schedule over the run's progress t/T (warm-up, then cosine decay), h(T) = min(1, T_ref/T)^α the
+step's shrinkage for runs longer than the meta-training horizon T_ref: the mixer learns a bounded
 deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
 step_budget="shared", s is shifted so that Σ_l numel_l · exp(2 s_l) = Σ_l numel_l: the mixer redistributes
-the step over tensors and the model-wide RMS step stays λ0 · b(t/T).
+the step over tensors and the model-wide RMS step stays λ0 · h(T) · b(t/T).
 
     state = init(config, params)
     updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
@@ -60,6 +61,9 @@ class Config:
     # moves on its own within e^±max_log_scale
     step_budget: str = "shared"
     reference_horizon: int | None = None  # meta-training horizon: feeds the log(T / T_ref) feature
+    # α: runs longer than the reference horizon T_ref step with λ0 · (T_ref / T)^α (fitted by meta-training
+    # from λ0 sweeps at 1x and 4x; longer fine-tuning runs overfit at the λ0 that is best for short ones)
+    horizon_exponent: float = 0.0
     hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class Config:
             raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup!r}")
         if not self.max_log_scale > 0:
             raise ValueError(f"max_log_scale must be positive, got {self.max_log_scale!r}")
+        if not (self.horizon_exponent >= 0 and math.isfinite(self.horizon_exponent)):
+            raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
         if isinstance(self.hyper, dict):
             object.__setattr__(self, "hyper", base_lib.Hyper(**self.hyper))
 
@@ -157,6 +163,14 @@ def schedule(config: Config, step: int, total_steps: int | None) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
 
 
+def horizon_scale(config: Config, total_steps: int | None) -> float:
+    """(T_ref / T)^α for a run of T > T_ref steps, else 1: the step of longer runs shrinks with their length."""
+    reference = config.reference_horizon
+    if not (config.horizon_exponent and total_steps and reference) or total_steps <= reference:
+        return 1.0
+    return (reference / total_steps) ** config.horizon_exponent
+
+
 def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float, step: int = 0,
                  total_steps: int | None = None, sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run; `sizes` (numel per
@@ -167,7 +181,7 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
         weights = torch.ones_like(s) if sizes is None else sizes.to(s.dtype)
         s = s - 0.5 * (torch.logsumexp(2 * s + weights.log(), 0) - weights.sum().log())
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
-    return lr * schedule(config, step, total_steps) * torch.exp(s), mix
+    return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
 
 
 def _scale(config: Config, base_scale: Tensor, d: TensorList, factor: float, grads: TensorList,

@@ -24,7 +24,8 @@ from l3rs.cli import main as cli_main
 from l3rs.finetune import finetune
 from l3rs.meta import MetaConfig, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
-from l3rs.meta.unroll import single_thread
+from l3rs.meta.train import horizon_exponent_fit, lr0_sweep
+from l3rs.meta.unroll import Result, single_thread
 from l3rs.tasks import Task, TaskFamily
 
 TESTS = Path(__file__).parent
@@ -195,11 +196,53 @@ def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
     assert min(sweep["val_loss"]) == sweep["val_loss"][1] and sweep["steps"] <= 3 * 2 * H
 
 
+def _fake_run(loss_of_lr):
+    """A `run` for the sweeps: each job's validation loss is loss_of_lr(λ0, steps), no fine-tuning."""
+    def run(jobs):
+        return [Result(loss_of_lr(j.lr0, j.steps), 0.0, None, None, j.steps) for j in jobs]
+    return run
+
+
+def test_lr0_sweep_extends_the_grid_past_an_edge():
+    cfg = small(lr0=None, lr0_grid=(1e-3, 1e-2), lr0_seeds=1)
+    # best λ0 = 0.5: two grid steps above the top (0.1, 1.0) reach past it; the loss is quadratic in log λ
+    sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 0.5) ** 2))
+    assert sweep["grid"] == pytest.approx([1e-3, 1e-2, 0.1, 1.0]) and sweep["lr0"] == pytest.approx(1.0)
+    assert sweep["steps"] == 4 * H
+    sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 2e-5) ** 2))
+    assert sweep["grid"] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2]) and sweep["lr0"] == pytest.approx(1e-5)
+    cfg = small(lr0=None, lr0_grid=(1e-3, 1e-2, 0.1), lr0_seeds=1)
+    sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 0.012) ** 2))
+    assert sweep["grid"] == [1e-3, 1e-2, 0.1] and sweep["lr0"] == 1e-2  # an interior best: no extension
+
+
+@pytest.mark.parametrize("best_long, exponent", [(0.01 / 10**0.25, 0.25 / math.log10(4)),  # between steps
+                                                 (0.01, 0.0),  # λ0 stays best at 4x
+                                                 (1e-5, 1.0 / math.log10(4))])  # below the range: edge
+def test_horizon_exponent_is_fitted_from_the_long_sweep(best_long, exponent):
+    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))  # grid ratio √10: the long sweep tries 0.01, /√10, /10
+    fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01,
+                               _fake_run(lambda lr, n: math.exp(math.log10(lr / best_long) ** 2)))
+    assert fit["grid"] == pytest.approx([0.01, 0.01 / 10**0.5, 0.001])
+    assert fit["horizon_exponent"] == pytest.approx(exponent)
+
+
+def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
+    best = train(stiff_task(), tmp_path, small(iterations=1), progress=False)
+    info = json.loads((best / "optimizer.json").read_text())
+    fitted = info["horizon_sweep"]["horizon_exponent"]
+    assert info["config"]["horizon_exponent"] == fitted >= 0 and info["horizon_sweep"]["multiple"] == 4
+    model = stiff_task().model_fn(0)
+    long = L3RS.from_pretrained(best, model.named_parameters(), total_steps=8 * H)
+    assert functional.horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
+
+
 # ------------------------------------------------------------------------------------ a real task
 def _digits_config(**kw) -> MetaConfig:
     base = dict(estimator="bptt", horizon=30, truncation=10, iterations=10,
                 tasks_per_iteration=2, lr0=None, lr0_grid=(3e-4, 1e-3), lr0_seeds=1, validate_every=3,
-                validation_seeds=1, val_subset=256, horizon_range=(1.0, 1.0), validation_horizons=(1.0,))
+                validation_seeds=1, val_subset=256, horizon_range=(1.0, 1.0), validation_horizons=(1.0,),
+                horizon_exponent=0.0)  # every run has the horizon's length: α would change nothing
     return MetaConfig(**{**base, **kw})
 
 

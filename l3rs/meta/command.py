@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="bptt: differentiate through the model's gradients too (exact, ~2x slower)")
     parser.add_argument("--lr0", type=float, default=None,
                         help="λ0 (default: a sweep of the untrained optimizer)")
+    parser.add_argument("--horizon-exponent", type=float, default=None,
+                        help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
+                             "fitted by a sweep of the untrained optimizer at 4x the horizon; 0: λ0 at any length)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -96,6 +99,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
+                          horizon_exponent=args.horizon_exponent,
                           horizon_range=_floats(args.horizon_range, "--horizon-range"),
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
                           end_weight=args.end_weight, log_objective=not args.no_log_objective,
@@ -119,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         info = json.loads((best / "optimizer.json").read_text())
         print(f"best optimizer: {best} (validation {info['validation']:.4g} at iteration "
               f"{info['best_iteration']}; "
-              f"untrained {info['untrained_validation']:.4g}; λ0 {info['lr']:.3g}; "
+              f"untrained {info['untrained_validation']:.4g}; λ0 {info['lr']:.3g}, "
+              f"α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +25,11 @@ class MetaConfig:
     log_objective: estimators work on log(loss), so runs of any length and tasks of any scale weigh alike.
     validation_horizons: the kept checkpoint ("best") is chosen by held-out validation at these multiples of
         the horizon (the worst of log(val loss / untrained val loss) over them).
-    lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5).
+    lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5), extending the
+        grid past an edge it picks.
+    horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
+        None fits it from a second sweep of the untrained optimizer at 4x the horizon (it replaces
+        config.horizon_exponent).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
 
@@ -47,6 +52,7 @@ class MetaConfig:
     lr0: float | None = None
     lr0_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     lr0_seeds: int = 2
+    horizon_exponent: float | None = None
     validate_every: int = 20  # validations at 1x and 4x cost as much as ~10 iterations
     validation_seeds: int = 2
     val_subset: int | None = 512  # validation objectives read this fixed subset of val (None: all)
@@ -73,6 +79,8 @@ class MetaConfig:
             raise ValueError(f"horizon must be a positive int, got {self.horizon!r}")
         if self.lr0 is not None and not self.lr0 > 0:
             raise ValueError(f"lr0 must be positive, got {self.lr0!r}")
+        if self.horizon_exponent is not None and not 0 <= self.horizon_exponent < math.inf:
+            raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
         object.__setattr__(self, "lr0_grid", tuple(float(v) for v in self.lr0_grid))
         object.__setattr__(self, "horizon_range", tuple(float(v) for v in self.horizon_range))
         object.__setattr__(self, "validation_horizons", tuple(float(v) for v in self.validation_horizons))

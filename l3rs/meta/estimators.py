@@ -31,6 +31,7 @@ class Context:
     cfg: MetaConfig
     horizon: int  # the task's horizon: sampled run lengths are multiples of it
     lr0: float
+    horizon_exponent: float = 0.0
 
 
 class Particles(NamedTuple):
@@ -107,7 +108,7 @@ def es(ctx: Context, vector: Tensor, iteration: int, particles: Particles | None
         task_seed = seed_of(cfg.seed, "task", iteration, i % cfg.tasks_per_iteration)
         run_seed = seed_of(cfg.seed, "run", iteration, i)
         jobs += [Job(task_seed, run_seed, vector + sign * cfg.sigma * eps[i], ctx.lr0, horizon, horizon,
-                     cfg.objective) for sign in (1.0, -1.0)]
+                     cfg.objective, horizon_exponent=ctx.horizon_exponent) for sign in (1.0, -1.0)]
     results = run(jobs)
     values = torch.tensor([r.objective for r in results], dtype=torch.float64).view(pairs, 2)
     shaped, tasks = torch.empty(pairs, 2), cfg.tasks_per_iteration
@@ -177,7 +178,7 @@ def pes(ctx: Context, vector: Tensor, iteration: int, particles: Particles | Non
         for k, sign in ((2 * i, 1.0), (2 * i + 1, -1.0)):
             jobs.append(Job(slot.task_seed, slot.run_seed, vector + sign * cfg.sigma * eps[i], ctx.lr0, slot.steps,
                             slot.horizon, cfg.objective, particles.states[k], keep=True, weight=weight,
-                            log=_log_objective(cfg)))
+                            log=_log_objective(cfg), horizon_exponent=ctx.horizon_exponent))
             owners.append(k)
     results = run(jobs)
     values = torch.full((2 * pairs,), math.nan, dtype=torch.float64)
@@ -204,7 +205,7 @@ def bptt(ctx: Context, vector: Tensor, iteration: int, particles: Particles | No
     slots = [_advance(ctx, "bptt", particles, i, (i,)) for i in range(count)]
     jobs = [Job(slot.task_seed, slot.run_seed, vector, ctx.lr0, slot.steps, slot.horizon, cfg.objective,
                 particles.states[i], grad=True, keep=True, weight=end_weight(cfg, slot.done + slot.steps, slot.horizon),
-                log=_log_objective(cfg)) for i, slot in enumerate(slots)]
+                log=_log_objective(cfg), horizon_exponent=ctx.horizon_exponent) for i, slot in enumerate(slots)]
     results = run(jobs)
     grads = []
     for i, r in enumerate(results):

@@ -39,6 +39,8 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 VALIDATION_SEED = 2**61  # held-out seeds are >= this; training seeds (seed_of) are below it
 _TENSORS = ("vector", "adam_m", "adam_v", "best_vector")
+GRID_EXTENSIONS = 2  # grid steps added past an edge the λ0 sweep picks (the grid is a prior, not a bound)
+LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (the longest validation horizon)
 
 
 @dataclass
@@ -54,11 +56,13 @@ class TrainState:
     lr0_sweep: dict[str, Any] | None
     untrained_validation: list[float]  # val loss of the untrained optimizer, per validation horizon
     best_validation: list[float]  # the same for the best checkpoint so far
-    best_score: float  # mean log(best / untrained) over validation horizons (0: the untrained optimizer)
+    best_score: float  # worst log(best / untrained) over validation horizons (0: the untrained optimizer)
     best_iteration: int
     seconds: float
     steps: int  # fine-tuning steps spent
     validation_seconds: float = 0.0  # what the last validation took (budgets plan for the next one)
+    horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
+    horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
     particles: Particles | None = None
 
     def to_doc(self) -> dict[str, Any]:
@@ -77,27 +81,72 @@ def _tensors(family: TaskFamily) -> tuple[list[str], list[tuple[int, ...]]]:
 
 
 def optimizer_config(cfg: MetaConfig, horizon: int) -> Config:
-    """The trained optimizer's Config: the user's, told the horizon it is meta-trained around."""
-    return dataclasses.replace(cfg.config, reference_horizon=horizon)
+    """The trained optimizer's Config: the user's, told the horizon it is meta-trained around (α is set
+    after the sweeps: jobs carry it)."""
+    return dataclasses.replace(cfg.config, reference_horizon=horizon, horizon_exponent=0.0)
 
 
 def _initial_vector(config: Config, seed: int, num_tensors: int) -> Tensor:
     return mixer.flatten(config.init_meta(num_tensors, seed))
 
 
+def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float], run: Any) -> tuple[list[float], int]:
+    """(mean validation loss per λ0, steps spent) of the untrained L3RS over `steps`-step runs.
+
+    On the environment itself (the family's base task, training head seeds), not on perturbed samples: λ0
+    must suit the runs the optimizer is for. Every λ0 sees the same seeds (paired)."""
+    seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(cfg.lr0_seeds)]
+    results = run([Job(None, r, vector, lr, steps, steps, "val_loss") for lr in lrs for r in seeds])
+    values = [[r.objective for r in results[i:i + len(seeds)]] for i in range(0, len(results), len(seeds))]
+    return [sum(v) / len(v) if all(map(math.isfinite, v)) else math.inf for v in values], \
+        sum(r.steps for r in results)
+
+
+def _argmin(values: list[float]) -> int:
+    return min(range(len(values)), key=lambda i: values[i])
+
+
 def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any) -> dict[str, Any]:
-    """Validation loss of the untrained L3RS over `cfg.lr0_grid` on `cfg.lr0_seeds` training seeds."""
+    """Validation loss of the untrained L3RS over `cfg.lr0_grid` on `cfg.lr0_seeds` training seeds; a best
+    λ0 at an edge of the grid extends it by up to GRID_EXTENSIONS steps of the grid's ratio."""
     start = time.perf_counter()
-    # On the environment itself (the family's base task, training head seeds), not on perturbed samples:
-    # λ0 must suit the runs the optimizer is for.
-    seeds = [(None, seed_of(cfg.seed, "sweep-run", k)) for k in range(cfg.lr0_seeds)]
-    jobs = [Job(t, r, vector, lr, horizon, horizon, "val_loss") for lr in cfg.lr0_grid for t, r in seeds]
-    results = run(jobs)
-    losses = [sum(r.objective for r in results[i:i + len(seeds)]) / len(seeds)
-              for i in range(0, len(results), len(seeds))]
-    best = min(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
-    return {"grid": list(cfg.lr0_grid), "val_loss": losses, "lr0": cfg.lr0_grid[best],
-            "seconds": time.perf_counter() - start, "steps": sum(r.steps for r in results)}
+    grid = list(cfg.lr0_grid)
+    losses, steps = _sweep_losses(cfg, horizon, vector, grid, run)
+    for _ in range(GRID_EXTENSIONS if len(grid) > 1 else 0):
+        best = _argmin(losses)
+        if best not in (0, len(grid) - 1) or not math.isfinite(losses[best]):
+            break
+        top = best == len(grid) - 1
+        lr = grid[-1] ** 2 / grid[-2] if top else grid[0] ** 2 / grid[1]
+        (loss,), more = _sweep_losses(cfg, horizon, vector, [lr], run)
+        grid, losses = ([*grid, lr], [*losses, loss]) if top else ([lr, *grid], [loss, *losses])
+        steps += more
+    best = _argmin(losses)
+    return {"grid": grid, "val_loss": losses, "lr0": grid[best], "seconds": time.perf_counter() - start,
+            "steps": steps}
+
+
+def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any) -> dict[str, Any]:
+    """α from the untrained L3RS's best λ at LONG_SWEEP x the horizon, λ* = λ0 · LONG_SWEEP^−α.
+
+    λ0 and two grid steps below it are run at the long horizon (paired seeds); λ* is the vertex of the
+    parabola through log(loss) over log(λ) (the best point when it is not convex), within the three
+    points: α is continuous in [0, 2 · log(ratio) / log(LONG_SWEEP)]."""
+    start = time.perf_counter()
+    grid = cfg.lr0_grid
+    ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10.0)
+    lrs = [lr0 / ratio**k for k in range(3)]
+    steps = max(1, round(LONG_SWEEP * horizon))
+    losses, spent = _sweep_losses(cfg, steps, vector, lrs, run)
+    below: float = _argmin(losses)  # grid steps below λ0 of the best λ at the long horizon
+    if all(map(math.isfinite, losses)):
+        a, b, c = (math.log(max(v, 1e-12)) for v in losses)
+        if a - 2 * b + c > 0:  # convex: the parabola's vertex, kept within the three points
+            below = min(2.0, max(0.0, 1 + 0.5 * (a - c) / (a - 2 * b + c)))
+    finite = math.isfinite(min(losses))
+    exponent = below * math.log(ratio) / math.log(LONG_SWEEP) if finite else 0.0
+    return {"multiple": LONG_SWEEP, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent,
+            "seconds": time.perf_counter() - start, "steps": spent}
 
 
 def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None = None,
@@ -115,7 +164,8 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
         runner.close()
 
 
-def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any) -> tuple[list[float], int]:
+def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
+             horizon_exponent: float = 0.0) -> tuple[list[float], int]:
     """(mean objective per validation horizon, steps) of full unrolls on held-out head seeds of the family's
     base task (val loss, or error for val_metric); a horizon with a diverged run reads inf.
 
@@ -123,7 +173,7 @@ def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any
     the optimizer is made for (perturbed samples only diversify the meta-gradient)."""
     objective = "val_metric" if cfg.objective == "val_metric" else "val_loss"
     lengths = [max(1, round(m * horizon)) for m in cfg.validation_horizons]
-    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective)
+    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent)
             for n in lengths for k in range(cfg.validation_seeds)]
     results = run(jobs)
     means = []
@@ -148,13 +198,16 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     vector = _initial_vector(opt_config, cfg.seed, len(_tensors(family)[0]))
     sweep = None if cfg.lr0 is not None else lr0_sweep(cfg, horizon, vector, run)
     lr0 = cfg.lr0 if sweep is None else sweep["lr0"]
+    fit = None if cfg.horizon_exponent is not None else horizon_exponent_fit(cfg, horizon, vector, lr0, run)
+    exponent = cfg.horizon_exponent if fit is None else fit["horizon_exponent"]
     validation_start = time.perf_counter()
-    val, val_steps = validate(cfg, horizon, vector, lr0, run)
+    val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
     validation_seconds = time.perf_counter() - validation_start
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
                       best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=val,
                       best_validation=val, best_score=0.0, best_iteration=0, seconds=time.perf_counter() - start,
-                      steps=val_steps + (sweep["steps"] if sweep else 0), validation_seconds=validation_seconds)
+                      steps=val_steps + sum(s["steps"] for s in (sweep, fit) if s),
+                      validation_seconds=validation_seconds, horizon_exponent=exponent, horizon_sweep=fit)
 
 
 def _save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
@@ -231,9 +284,11 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     """best/ and latest/ as optimizer directories loadable by `L3RS.from_pretrained`."""
     names, shapes = _tensors(family)
     like = opt_config.init_meta(len(names))
+    opt_config = dataclasses.replace(opt_config, horizon_exponent=state.horizon_exponent)
     info = {"meta_train_seconds": state.seconds, "meta_train_steps": state.steps, "task": family.name,
             "horizon": horizon, "estimator": cfg.estimator, "objective": cfg.objective,
-            "lr0_sweep": state.lr0_sweep, "iteration": state.iteration, "seed": cfg.seed,
+            "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
+            "seed": cfg.seed,
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
             "untrained_validation": state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,
@@ -279,14 +334,17 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
         state = broadcast(lambda: _open(out, cfg, resume), runner.rank, runner.world)
         if state is None:
             if progress and runner.rank == 0 and cfg.lr0 is None:
-                tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS over {list(cfg.lr0_grid)}")
+                tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS over {list(cfg.lr0_grid)}"
+                           + (f", then at {LONG_SWEEP:g}x the horizon to fit α" if cfg.horizon_exponent is None
+                              else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
             state.seconds = runner.agree(state.seconds)
             if runner.rank == 0:
                 _log(out, {"iteration": 0, "objective": None, "validation": state.untrained_validation,
                            "validation_score": 0.0, "best_score": 0.0, "seconds": state.seconds,
                            "elapsed": state.seconds, "steps": state.steps, "lr0": state.lr0,
-                           "lr0_sweep": state.lr0_sweep}, None)
+                           "lr0_sweep": state.lr0_sweep, "horizon_exponent": state.horizon_exponent,
+                           "horizon_sweep": state.horizon_sweep}, None)
         _loop(state, family, cfg, opt_config, horizon, out, runner, progress)
     finally:
         runner.close()
@@ -303,7 +361,7 @@ def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner
     """Validate the current meta-parameters; keep them as best if they score better.
     Returns (score, validation loss per horizon)."""
     start = time.perf_counter()
-    values, steps = validate(cfg, horizon, state.vector, state.lr0, run)
+    values, steps = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent)
     state.steps += steps
     state.validation_seconds = run.agree(time.perf_counter() - start)
     score = validation_score(values, state.untrained_validation)
@@ -319,7 +377,7 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
     writer = _tensorboard(out) if lead else None
     if lead:
         _export(out, state, family, cfg, opt_config, horizon)
-    estimator, ctx = ESTIMATORS[cfg.estimator], Context(cfg, horizon, state.lr0)
+    estimator, ctx = ESTIMATORS[cfg.estimator], Context(cfg, horizon, state.lr0, state.horizon_exponent)
     budget = math.inf if cfg.budget_minutes is None else 60 * cfg.budget_minutes
     bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not (progress and lead),
                desc="meta-train", unit="it")

@@ -9,6 +9,7 @@ returned `Particle` (detached) into the next unroll.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -147,6 +148,7 @@ class Job(NamedTuple):
     keep: bool = False  # return the particle at the end
     weight: float = 1.0  # meta_objective = weight * transform(objective)
     log: bool = False  # transform = log (losses of runs of any length and task weigh alike)
+    horizon_exponent: float = 0.0  # the optimizer's α (fitted by meta-training after the workers started)
 
 
 class Result(NamedTuple):
@@ -199,8 +201,11 @@ class Worker:
         vector = job.vector.detach().clone().requires_grad_(job.grad)
         meta = mixer.unflatten(vector, self.like(task))
         graph = ("first" if self.first_order else "second") if job.grad else None
+        config = self.config
+        if job.horizon_exponent != config.horizon_exponent:
+            config = dataclasses.replace(config, horizon_exponent=job.horizon_exponent)
         with single_thread():
-            value, particle = unroll(task, meta, job.lr0, job.steps, job.run_seed, config=self.config,
+            value, particle = unroll(task, meta, job.lr0, job.steps, job.run_seed, config=config,
                                      horizon=job.horizon, objective=job.objective, particle=job.particle,
                                      graph=graph, val_subset=self.val_subset, device=self.device)
             meta_value = job.weight * (value.clamp_min(1e-12).log() if job.log else value)
