@@ -2,6 +2,7 @@
 evaluate it against LR-tuned baselines at 1x/2x/5x its horizon and on unseen shifts; print JSON.
 
     python benchmarks/generalization.py [--tasks mnistcnn-digits,cnn04-mnist59] [--out runs/generalization]
+                                        [--baselines-from runs/generalization-previous]
 
 Per task and scenario: the final validation loss ratio L3RS / best tuned baseline with its 95% paired-bootstrap
 interval, the speed-up with its interval, and the verdict (from `l3rs evaluate`'s evaluation.json), plus the
@@ -73,6 +74,14 @@ def lambda_shape(optimizer_dir: Path, task: Any, multiple: float = 5.0) -> dict[
             "mean_abs_log_ratio": float(np.abs(log_short - log_long).mean()), "log_correlation": corr}
 
 
+def previous_evaluation(baselines_from: str | None, task: str) -> Path | None:
+    """The evaluation.json a previous run of this script wrote for `task`, if any."""
+    if baselines_from is None:
+        return None
+    path = Path(baselines_from) / task / "eval" / "evaluation.json"
+    return path if path.is_file() else None
+
+
 def rows_of(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per scenario: L3RS against the best tuned baseline (as `l3rs evaluate` judged it)."""
     rows = []
@@ -97,6 +106,9 @@ def main() -> None:
     parser.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
     parser.add_argument("--shifts", default="rotated")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baselines-from", default=None, metavar="DIR",
+                        help="a previous run's --out: reuse the tuned baselines of its TASK/eval/evaluation.json "
+                             "where they match (see `l3rs evaluate --baselines-from`)")
     args = parser.parse_args()
     start, out = time.perf_counter(), Path(args.out)
     report: dict[str, Any] = {"settings": vars(args), "machine": machine(), "tasks": {}}
@@ -105,7 +117,8 @@ def main() -> None:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
             evaluate(best, name, out / name / "eval", horizons=[float(h) for h in args.horizons.split(",")],
                      seeds=args.seeds, baselines=args.baselines.split(","), shifts=args.shifts.split(","),
-                     progress=False, workers=args.workers)
+                     progress=False, workers=args.workers,
+                     baselines_from=previous_evaluation(args.baselines_from, name))
         evaluation = json.loads((out / name / "eval" / "evaluation.json").read_text())
         info = json.loads((best / "optimizer.json").read_text())
         report["tasks"][name] = {"meta_train_seconds": info["meta_train_seconds"], "iterations": info["iteration"],

@@ -17,7 +17,7 @@ import os
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,8 @@ class Settings:
     device: str
     min_eval_points: int
     bootstrap: dict[str, float]
+    baselines_from: str | None = None  # a previous evaluation.json whose baselines were reused (older files: none)
+    reused: list[str] = field(default_factory=list)  # "scenario label/method" taken verbatim from baselines_from
 
 
 @dataclass

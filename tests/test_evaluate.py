@@ -17,7 +17,7 @@ import torch
 import l3rs
 from l3rs import results
 from l3rs.cli import main
-from l3rs.evaluate import BASELINES, evaluate, methods, protocol, stats, tuning
+from l3rs.evaluate import BASELINES, evaluate, methods, protocol, runs, stats, tuning
 from l3rs.evaluate.runs import RunRequest, ScenarioRunner
 from l3rs.finetune import RunResult, finetune
 from l3rs.io import save_json
@@ -340,6 +340,79 @@ def test_bad_flags_are_one_line_errors(tiny: str, opt_dir: str, tmp_path, capsys
     assert rc == 2 and len(err) == 1, err
 
 
+# ------------------------------------------------------------------------------------- reused baselines
+REUSED = ["adamw", "adamw-head", "prodigy"]  # a tuned baseline, one sharing its sweep, an untuned one
+
+
+@pytest.fixture(scope="module")
+def first_evaluation(one_thread: None, tiny: str, opt_dir: str,
+                     tmp_path_factory: pytest.TempPathFactory) -> tuple[results.EvaluationResult, Path]:
+    out = tmp_path_factory.mktemp("first")
+    result = evaluate(opt_dir, tiny, out, horizons=(1,), seeds=2, baselines=[*REUSED, "l3rs-untrained"],
+                      shifts=(), progress=False)
+    return result, out / "evaluation.json"
+
+
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(method, steps) of every fine-tuning run from here on (workers=1: all run in this process)."""
+    calls: list[tuple[str, int]] = []
+    real = runs._run
+
+    def counted(setup: runs.WorkerSetup, request: RunRequest) -> RunResult:
+        calls.append((request.method.name, setup.steps))
+        return real(setup, request)
+
+    monkeypatch.setattr(runs, "_run", counted)
+    return calls
+
+
+def test_reused_baselines_give_the_full_evaluations_numbers(tiny: str, opt_dir: str, first_evaluation, ran,
+                                                            tmp_path) -> None:
+    first, path = first_evaluation
+    second = evaluate(opt_dir, tiny, tmp_path, horizons=(1,), seeds=2, baselines=[*REUSED, "l3rs-untrained"],
+                      shifts=(), progress=False, baselines_from=path)
+    assert {name for name, _ in ran} == {"l3rs", "l3rs-untrained"}  # built from the optimizer's Config: rerun
+    (a,), (b,) = first.scenarios, second.scenarios
+    assert b.best_baseline == a.best_baseline and list(b.methods) == list(a.methods)
+    for name in REUSED:  # the very runs of the first evaluation (their seconds included)
+        assert b.methods[name].tuning == a.methods[name].tuning
+        assert b.methods[name].summary == a.methods[name].summary
+    for name in ("l3rs", "l3rs-untrained"):
+        assert b.methods[name].vs_best == a.methods[name].vs_best
+    assert second.settings.baselines_from == str(path)
+    assert second.settings.reused == [f"{a.label}/{name}" for name in REUSED]
+    assert f"Baselines reused from `{path}`" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("seeds, horizons, expected", [
+    (3, (1,), {("l3rs", 6), ("adamw", 6), ("sgd", 6)}),  # other evaluation seeds: nothing is reused
+    (2, (1, 2), {("l3rs", 6), ("sgd", 6), ("l3rs", 12), ("adamw", 12), ("sgd", 12)}),  # x2 is a new scenario
+])
+def test_baselines_run_where_the_previous_evaluation_differs(tiny: str, opt_dir: str, first_evaluation, ran,
+                                                             tmp_path, seeds, horizons, expected) -> None:
+    _, path = first_evaluation
+    result = evaluate(opt_dir, tiny, tmp_path, horizons=horizons, seeds=seeds, baselines=["adamw", "sgd"],
+                      shifts=(), progress=False, baselines_from=path)
+    assert set(ran) == expected
+    assert result.settings.reused == ([] if seeds == 3 else [f"{result.scenarios[0].label}/adamw"])
+
+
+def test_evaluation_json_without_reuse_fields_still_loads(first_evaluation, tmp_path) -> None:
+    saved = json.loads(first_evaluation[1].read_text())
+    for key in ("baselines_from", "reused"):
+        del saved["settings"][key]
+    settings = results.load(save_json(saved, tmp_path / "older.json")).settings
+    assert settings.baselines_from is None and settings.reused == []
+
+
+def test_missing_baselines_from_file_is_a_one_line_error(tiny: str, opt_dir: str, tmp_path, capsys) -> None:
+    rc, err = run_cli(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(tmp_path / "o"),
+                       "--no-progress", "--baselines-from", str(tmp_path / "nope.json")], capsys)
+    assert rc == 2 and len(err) == 1 and "--baselines-from" in err[0] and "nope.json" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_parallel_runner_matches_sequential(tiny: str) -> None:
     task = l3rs.tasks.get(tiny)
     method = BASELINES["adamw"]
@@ -367,6 +440,16 @@ def test_break_even_counts_jobs_until_meta_training_pays_off(suite) -> None:
     assert suite.break_even(100.0, sweep_s=9.0, baseline_run_s=1.0, l3rs_run_s=1.0) == 12  # 112 < 120
     assert suite.break_even(90.0, sweep_s=9.0, baseline_run_s=1.0, l3rs_run_s=1.0) == 11  # 10 jobs only tie
     assert suite.break_even(5.0, sweep_s=0.0, baseline_run_s=1.0, l3rs_run_s=2.0) is None
+
+
+def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, tmp_path) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    previous = importlib.import_module("benchmarks.generalization").previous_evaluation
+    path = tmp_path / "tiny" / "eval" / "evaluation.json"
+    assert previous(None, "tiny") is None and previous(str(tmp_path), "tiny") is None
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    assert previous(str(tmp_path), "tiny") == path
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ else tie. Everything lands in ``out_dir/evaluation.json`` (`l3rs.results`) + rep
     methods  (catalogue, optimizer factories)     runs   (cached runs of one scenario, process pool)
     tuning   (LR grids over the tuning seeds)     stats  (summaries, speed-up, paired bootstrap)
     protocol (scenarios, ablations, `evaluate`)   command (`l3rs evaluate`)
+    reuse    (a previous evaluation's baselines, `baselines_from`)
 """
 
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--shifts", default="auto",
                         help="unseen-data variants evaluated at 1x: 'auto' (all the task offers), 'none', or "
                              f"comma-separated names ({', '.join(SHIFT_SCENARIOS)}) or task specs")
+    parser.add_argument("--baselines-from", default=None, metavar="PATH",
+                        help="a previous evaluation.json of the same task: reuse its tuned baselines where the "
+                             "scenario (label, steps), seeds, grids and device match (the others are run); valid "
+                             "only if the baseline code and the task data did not change since")
     parser.add_argument("--device", default=None, help="torch device for the runs (default: cpu)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel single-threaded processes for the runs (default: up to 2)")
@@ -61,13 +65,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
         raise UsageError(f"--budget-minutes must be > 0, got {args.budget_minutes:g}")
+    if args.baselines_from is not None and not Path(args.baselines_from).is_file():
+        raise UsageError(f"--baselines-from {args.baselines_from}: no such file (a previous evaluation.json)")
     listed = [s.strip() for s in args.shifts.split(",") if s.strip()]
     shifts = {"auto": None, "none": []}.get(args.shifts, listed)
     result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
                       seeds=args.seeds, baselines=_names(args.baselines, list(BASELINES), "baseline(s)"),
                       ablations=args.ablations, shifts=shifts, progress=not args.no_progress,
-                      budget_minutes=args.budget_minutes, device=args.device, workers=max(1, args.workers))
+                      budget_minutes=args.budget_minutes, device=args.device, workers=max(1, args.workers),
+                      baselines_from=args.baselines_from)
     out = Path(args.out)
+    reused = f", {len(result.settings.reused)} scenario baselines reused" if args.baselines_from else ""
     print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'evaluation.json'} "
-          f"({len(result.scenarios)} scenarios, {result.seconds:.0f} s)", file=sys.stdout)
+          f"({len(result.scenarios)} scenarios, {result.seconds:.0f} s{reused})", file=sys.stdout)
     return 0

@@ -57,6 +57,12 @@ class Method:
         """Tuned classical baselines: the pool the "best tuned baseline" of a scenario is drawn from."""
         return self.tuned and self.kind in ("sgd", "adamw", "atmo", "schedulefree")
 
+    @property
+    def reusable(self) -> bool:
+        """Its tuning and runs do not depend on the optimizer under evaluation (l3rs methods load it,
+        `l3rs-untrained` uses its Config), so a previous evaluation of the same task holds them."""
+        return self.kind not in ("l3rs", "untrained")
+
 
 def meta_trained(name: str, path: str | os.PathLike) -> Method:
     """A saved L3RS optimizer (the one under evaluation, or an ablation): never tuned."""

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
+from l3rs.evaluate.reuse import reusable
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -40,6 +41,7 @@ from l3rs.results import (
     Settings,
     aligned,
     base_horizon,
+    load,
     save,
 )
 
@@ -78,16 +80,21 @@ def _check_fits(optimizer_dir: Path, task: Any) -> None:
 
 
 def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: int, config: Config, bar: Any,
-                 device: Any, workers: int = 1) -> ScenarioResult:
-    """Tune every method, run it on the evaluation seeds, and compare with the best tuned baseline."""
+                 device: Any, workers: int = 1, reused: dict[str, MethodResult] | None = None) -> ScenarioResult:
+    """Tune every method, run it on the evaluation seeds, and compare with the best tuned baseline; methods
+    in `reused` (a previous evaluation's results) keep their tuning and runs instead of running again."""
+    reused = reused or {}
+    todo = [m for m in methods if m.name not in reused]
     runner = ScenarioRunner(scenario.task, steps, config, bar, device, workers)
     eval_seeds = range(EVAL_SEED, EVAL_SEED + seeds)
     try:
-        tuned = {m.name: tune(runner, m) for m in methods}
-        runner.prefetch([RunRequest(m, tuned[m.name].hp, s, True) for m in methods for s in eval_seeds])
+        tuned = {m.name: tune(runner, m) for m in todo}
+        runner.prefetch([RunRequest(m, tuned[m.name].hp, s, True) for m in todo for s in eval_seeds])
     finally:
         runner.close()
-    runs = {m.name: [runner.run(m, tuned[m.name].hp, s, curves=True) for s in eval_seeds] for m in methods}
+    runs = {m.name: [runner.run(m, tuned[m.name].hp, s, curves=True) for s in eval_seeds] for m in todo}
+    tuned |= {name: result.tuning for name, result in reused.items()}
+    runs |= {name: result.runs for name, result in reused.items()}
     grid = eval_grid(steps, runner.eval_every)
     loss_curves = {name: np.array([aligned(r, "val_loss", grid, math.inf) for r in seed_runs])
                    for name, seed_runs in runs.items()}
@@ -141,18 +148,23 @@ def evaluate(
     budget_minutes: float | None = None,
     device: Any = None,
     workers: int = 1,
+    baselines_from: str | os.PathLike | None = None,
 ) -> EvaluationResult:
     """Evaluate a saved optimizer against tuned baselines; write evaluation.json, report.md and report.html.
 
     `horizons` are multiples of the meta-training horizon; `shifts` name unseen-data variants of the task
     (None: every variant the task layer offers; () for none); `budget_minutes` is each ablation's
     meta-training budget (default: the main optimizer's); `workers` > 1 runs independent fine-tuning runs in
-    that many single-threaded processes. Returns the result saved as evaluation.json.
+    that many single-threaded processes. `baselines_from`: a previous evaluation.json of the same task, whose
+    baselines are taken as they are where scenario, seeds, grids and device match (`l3rs.evaluate.reuse`;
+    valid only while the baseline code and the task data are unchanged). Returns the result saved as
+    evaluation.json.
     """
     optimizer_dir, out_dir = Path(optimizer_dir), Path(out_dir)
     if seeds < 1 or not horizons or any(m <= 0 for m in horizons):
         raise ValueError(f"need seeds >= 1 and positive horizon multiples, got {seeds=}, {horizons=}")
     names = _check_names(baselines)
+    previous = None if baselines_from is None else load(baselines_from)  # a bad file fails before any run
     saved = load_meta(optimizer_dir)
     info, config = saved["info"], saved["config"]
     plan = scenarios(task_or_spec, horizons, shifts)
@@ -168,13 +180,6 @@ def evaluate(
     meta_seconds = {m.name: float(load_meta(m.path)["info"].get("meta_train_seconds") or 0.0)
                     for m in methods if m.kind == "l3rs"}
     steps = [max(1, round(scenario.multiple * horizon)) for scenario in plan]
-    bar = tqdm(total=sum(steps) * planned_runs(methods, seeds), unit="step", desc="evaluate",
-               disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    with bar:
-        results = [run_scenario(scenario, n, methods, seeds, config, bar, device, workers)
-                   for scenario, n in zip(plan, steps, strict=True)]
-        bar.total = bar.n
     settings = Settings(
         optimizer=str(optimizer_dir), task=_spec_name(task_or_spec) or plan[0].task.name,
         horizons=list(horizons), base_horizon=horizon, seeds=seeds,
@@ -182,7 +187,18 @@ def evaluate(
         ablations=ablations, shifts=[s.variant for s in plan if s.variant],
         grids={"sgd": list(SGD_GRID), "adam": list(ADAM_GRID)}, head_multipliers=list(HEAD_MULTIPLIERS),
         atmo_mixes=list(ATMO_MIXES), device=str(device or "cpu"), min_eval_points=MIN_EVAL_POINTS,
-        bootstrap={"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95})
+        bootstrap={"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95},
+        baselines_from=None if baselines_from is None else str(baselines_from))
+    reuse = [reusable(previous, settings, s.label, n, methods) for s, n in zip(plan, steps, strict=True)]
+    settings.reused = [f"{s.label}/{name}" for s, reused in zip(plan, reuse, strict=True) for name in reused]
+    planned = sum(n * planned_runs([m for m in methods if m.name not in reused], seeds)
+                  for n, reused in zip(steps, reuse, strict=True))
+    bar = tqdm(total=planned, unit="step", desc="evaluate", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    with bar:
+        results = [run_scenario(scenario, n, methods, seeds, config, bar, device, workers, reused)
+                   for scenario, n, reused in zip(plan, steps, reuse, strict=True)]
+        bar.total = bar.n
     result = EvaluationResult(
         settings=settings, machine=machine(),
         optimizer=OptimizerSummary({k: v for k, v in info.items() if k not in ("tensor_names", "tensor_shapes")},

@@ -16,6 +16,11 @@ from l3rs.functional import Config
 MIN_EVAL_POINTS = 30  # validation points per curve run: enough to resolve a 1.1x speed-up
 
 
+def validation_interval(steps: int) -> int:
+    """Steps between validations of an evaluation run (at least MIN_EVAL_POINTS points per curve)."""
+    return max(1, steps // MIN_EVAL_POINTS)
+
+
 class RunRequest(NamedTuple):
     method: Method
     hp: dict[str, float]
@@ -63,7 +68,7 @@ class ScenarioRunner:
 
     def __init__(self, task: Any, steps: int, config: Config, bar: Any = None, device: Any = None,
                  workers: int = 1) -> None:
-        self.setup = WorkerSetup(task, config, device, steps, max(1, steps // MIN_EVAL_POINTS))
+        self.setup = WorkerSetup(task, config, device, steps, validation_interval(steps))
         self.bar, self.workers = bar, workers
         self.cache: dict[tuple, RunResult] = {}
         self._pool: ProcessPoolExecutor | None = None

@@ -29,6 +29,7 @@ def blocks(result: EvaluationResult, plots: dict[str, str]) -> list[Block]:
               f"{', '.join(str(s) for s in settings.tune_seeds)}. "
               f"Machine: {mach['platform']}, {mach['cpu_count']} CPUs, torch {mach['torch']}, "
               f"device {settings.device}. Total time {result.seconds:.0f} s."),
+        *_reused(result),
         ("h2", "Verdict"),
         ("list", [verdict(scenario) for scenario in result.scenarios]),
     ]
@@ -66,6 +67,16 @@ def blocks(result: EvaluationResult, plots: dict[str, str]) -> list[Block]:
                       "accuracy = the task's metric (accuracy unless the task sets metric_fn).",
                       "Every curve and setting is in evaluation.json."])]
     return out
+
+
+def _reused(result: EvaluationResult) -> list[Block]:
+    """One paragraph naming the baselines taken from a previous evaluation (nothing when none was given)."""
+    settings = result.settings
+    if settings.baselines_from is None:
+        return []
+    names = ", ".join(settings.reused) or "none matched this evaluation's scenarios, seeds and grids"
+    return [("p", f"Baselines reused from `{settings.baselines_from}` (tuning and runs as recorded there, "
+                  f"their seconds included; not run again): {names}.")]
 
 
 def _grid(values: list[float]) -> str:

@@ -1,0 +1,60 @@
+"""Reusing a previous evaluation's baselines (`evaluate(..., baselines_from=...)`).
+
+A baseline's tuning and runs depend only on the task, the scenario's steps and validation grid, the seeds,
+the LR grids and the device, never on the optimizer under evaluation: re-evaluating another optimizer on the
+same task can take them verbatim from the previous evaluation.json instead of repeating the sweeps (most of
+an evaluation's cost). Nothing here can tell whether the baseline code or the task data changed since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from l3rs.evaluate.methods import Method
+from l3rs.evaluate.runs import validation_interval
+from l3rs.evaluate.stats import eval_grid
+from l3rs.finetune import RunResult
+from l3rs.results import EvaluationResult, MethodResult, Settings, Trial
+
+
+def same_protocol(old: Settings, new: Settings, method: Method) -> bool:
+    """Would `method` be tuned and run on the same seeds, grids and device under both settings?"""
+    names = ["eval_seeds", "tune_seeds", "grids", "device"]
+    names += ["head_multipliers"] * method.head + ["atmo_mixes"] * (method.kind == "atmo")
+    return all(getattr(old, name) == getattr(new, name) for name in names)
+
+
+def _nulls(values: list[float | None], fill: float) -> list[float]:
+    return [fill if v is None else v for v in values]
+
+
+def _restore_run(run: RunResult) -> RunResult:
+    """JSON wrote non-finite numbers as null; `finetune` records a non-finite validation loss as inf."""
+    return dataclasses.replace(run, train_loss=_nulls(run.train_loss, math.nan),
+                               val_loss=_nulls(run.val_loss, math.inf), val_metric=_nulls(run.val_metric, math.nan))
+
+
+def _restore_trial(trial: Trial) -> Trial:
+    return dataclasses.replace(trial, val_loss=math.inf if trial.val_loss is None else trial.val_loss,
+                               val_losses=_nulls(trial.val_losses, math.inf))
+
+
+def _restore(result: MethodResult) -> MethodResult:
+    tuning = dataclasses.replace(result.tuning, trials=[_restore_trial(t) for t in result.tuning.trials])
+    return dataclasses.replace(result, tuning=tuning, runs=[_restore_run(r) for r in result.runs])
+
+
+def reusable(previous: EvaluationResult | None, settings: Settings, label: str, steps: int,
+             methods: list[Method]) -> dict[str, MethodResult]:
+    """Those of `methods` whose results in `previous` a new `steps`-step run of scenario `label` would
+    reproduce (only their `tuning` and `runs` count: everything else is recomputed from the merged runs)."""
+    if previous is None:
+        return {}
+    key = (label, steps, eval_grid(steps, validation_interval(steps)))
+    old = next((s for s in previous.scenarios if (s.label, s.steps, s.eval_steps) == key), None)
+    if old is None:
+        return {}
+    return {m.name: _restore(old.methods[m.name]) for m in methods
+            if m.reusable and m.name in old.methods and old.methods[m.name].kind == m.kind
+            and same_protocol(previous.settings, settings, m)}

@@ -1,0 +1,77 @@
+"""The untrained optimizer's sweeps that set λ0 and the horizon exponent α before meta-training (SPEC §5).
+
+Both run the untrained L3RS on the environment itself (the family's base task, training head seeds), not on
+perturbed samples: λ0 and α must suit the runs the optimizer is for. Every λ sees the same seeds (paired).
+`run` maps a list of `Job`s to their `Result`s (a `Runner`, or any callable in tests).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from torch import Tensor
+
+from l3rs.meta.config import MetaConfig
+from l3rs.meta.unroll import Job
+from l3rs.seeds import seed_of
+
+GRID_EXTENSIONS = 2  # grid steps added past an edge the λ0 sweep picks (the grid is a prior, not a bound)
+LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (the longest validation horizon)
+
+
+def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float], run: Any) -> tuple[list[float], int]:
+    """(mean validation loss per λ0, steps spent) of the untrained L3RS over `steps`-step runs."""
+    seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(cfg.lr0_seeds)]
+    results = run([Job(None, r, vector, lr, steps, steps, "val_loss") for lr in lrs for r in seeds])
+    values = [[r.objective for r in results[i:i + len(seeds)]] for i in range(0, len(results), len(seeds))]
+    return [sum(v) / len(v) if all(map(math.isfinite, v)) else math.inf for v in values], \
+        sum(r.steps for r in results)
+
+
+def _argmin(values: list[float]) -> int:
+    return min(range(len(values)), key=lambda i: values[i])
+
+
+def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any) -> dict[str, Any]:
+    """Validation loss of the untrained L3RS over `cfg.lr0_grid` on `cfg.lr0_seeds` training seeds; a best
+    λ0 at an edge of the grid extends it by up to GRID_EXTENSIONS steps of the grid's ratio."""
+    start = time.perf_counter()
+    grid = list(cfg.lr0_grid)
+    losses, steps = _sweep_losses(cfg, horizon, vector, grid, run)
+    for _ in range(GRID_EXTENSIONS if len(grid) > 1 else 0):
+        best = _argmin(losses)
+        if best not in (0, len(grid) - 1) or not math.isfinite(losses[best]):
+            break
+        top = best == len(grid) - 1
+        lr = grid[-1] ** 2 / grid[-2] if top else grid[0] ** 2 / grid[1]
+        (loss,), more = _sweep_losses(cfg, horizon, vector, [lr], run)
+        grid, losses = ([*grid, lr], [*losses, loss]) if top else ([lr, *grid], [loss, *losses])
+        steps += more
+    best = _argmin(losses)
+    return {"grid": grid, "val_loss": losses, "lr0": grid[best], "seconds": time.perf_counter() - start,
+            "steps": steps}
+
+
+def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any) -> dict[str, Any]:
+    """α from the untrained L3RS's best λ at LONG_SWEEP x the horizon, λ* = λ0 · LONG_SWEEP^−α.
+
+    λ0 and two grid steps below it are run at the long horizon (paired seeds); λ* is the vertex of the
+    parabola through log(loss) over log(λ) (the best point when it is not convex), within the three
+    points: α is continuous in [0, 2 · log(ratio) / log(LONG_SWEEP)]."""
+    start = time.perf_counter()
+    grid = cfg.lr0_grid
+    ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10.0)
+    lrs = [lr0 / ratio**k for k in range(3)]
+    steps = max(1, round(LONG_SWEEP * horizon))
+    losses, spent = _sweep_losses(cfg, steps, vector, lrs, run)
+    below: float = _argmin(losses)  # grid steps below λ0 of the best λ at the long horizon
+    if all(map(math.isfinite, losses)):
+        a, b, c = (math.log(max(v, 1e-12)) for v in losses)
+        if a - 2 * b + c > 0:  # convex: the parabola's vertex, kept within the three points
+            below = min(2.0, max(0.0, 1 + 0.5 * (a - c) / (a - 2 * b + c)))
+    finite = math.isfinite(min(losses))
+    exponent = below * math.log(ratio) / math.log(LONG_SWEEP) if finite else 0.0
+    return {"multiple": LONG_SWEEP, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent,
+            "seconds": time.perf_counter() - start, "steps": spent}
