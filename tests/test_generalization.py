@@ -44,8 +44,18 @@ def test_base_schedule_is_warmup_then_decay_over_progress():
         functional.Config(schedule="step")
 
 
+def test_sampled_horizons_give_every_octave_the_same_share_of_steps():
+    ctx = Context(MetaConfig(horizon_range=(0.5, 8.0)), horizon=40, lr0=1e-3)  # default: equal-steps
+    draws = [draw_horizon(ctx, "bptt", 0, k) for k in range(2000)]
+    assert min(draws) >= 20 and max(draws) <= 320
+    edges = [20, 40, 80, 160, 321]
+    shares = [sum(d for d in draws if a <= d < b) / sum(draws) for a, b in zip(edges, edges[1:])]
+    assert shares == pytest.approx([0.25] * 4, abs=0.05)  # log-uniform runs would give 1/15, 2/15, 4/15, 8/15
+    assert draws == [draw_horizon(ctx, "bptt", 0, k) for k in range(2000)]
+
+
 def test_sampled_horizons_are_log_uniform_over_the_range_and_pure():
-    ctx = Context(MetaConfig(horizon_range=(0.5, 8.0)), horizon=40, lr0=1e-3)
+    ctx = Context(MetaConfig(horizon_range=(0.5, 8.0), horizon_draw="log-uniform"), horizon=40, lr0=1e-3)
     draws = [draw_horizon(ctx, "bptt", 0, k) for k in range(400)]
     assert min(draws) >= 20 and max(draws) <= 320
     assert statistics.median(draws) == pytest.approx(80, rel=0.2)  # geometric mean of 20 and 320

@@ -8,7 +8,7 @@ import os
 
 from l3rs.errors import UsageError
 from l3rs.functional import SCHEDULES, STEP_BUDGETS, Config
-from l3rs.meta.config import ESTIMATOR_NAMES, OBJECTIVES, MetaConfig
+from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, MetaConfig
 
 DEFAULT_BUDGET_MINUTES = 5.0
 MIN_BUDGET_MINUTES = 1.0  # below this the λ0 sweep and the first validation would not fit
@@ -40,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--truncation", type=int, default=d.truncation,
                         help="unroll length per iteration (pes, bptt)")
     parser.add_argument("--horizon-range", default=",".join(f"{v:g}" for v in d.horizon_range),
-                        help="each run's length is drawn log-uniformly over LO,HI times the horizon and told "
+                        help="each run's length is drawn over LO,HI times the horizon (see --horizon-draw) and told "
                              "to the optimizer (1,1: always the horizon)")
+    parser.add_argument("--horizon-draw", choices=HORIZON_DRAWS, default=d.horizon_draw,
+                        help="equal-steps: every octave of run lengths gets the same share of unrolled steps "
+                             "(density ∝ 1/T²); log-uniform: runs drawn log-uniformly (long runs take most)")
     parser.add_argument("--end-weight", type=float, default=d.end_weight,
                         help="weight of a truncation's objective at the end of its run (1 at the start; pes, bptt)")
     parser.add_argument("--no-log-objective", action="store_true",
@@ -101,6 +104,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
                           horizon_exponent=args.horizon_exponent,
                           horizon_range=_floats(args.horizon_range, "--horizon-range"),
+                          horizon_draw=args.horizon_draw,
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
                           end_weight=args.end_weight, log_objective=not args.no_log_objective,
                           validate_every=args.validate_every,

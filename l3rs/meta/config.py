@@ -10,6 +10,7 @@ from l3rs.functional import Config
 
 ESTIMATOR_NAMES = ("es", "pes", "bptt")
 OBJECTIVES = ("val_loss", "train_loss", "val_metric")
+HORIZON_DRAWS = ("equal-steps", "log-uniform")
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,10 @@ class MetaConfig:
     population: antithetic pairs per iteration (es, pes); bptt runs `tasks_per_iteration` unrolls.
     truncation: unroll length per iteration for pes and bptt (each run is split into truncations;
         their objective averages the per-truncation objectives, i.e. the area under the curve).
-    horizon_range: each fine-tuning run's length T is drawn log-uniformly over this range times the
-        horizon, and the optimizer is told T ((1, 1): always the horizon).
+    horizon_range: each fine-tuning run's length T is drawn over this range times the horizon, and the
+        optimizer is told T ((1, 1): always the horizon).
+    horizon_draw: "equal-steps" (density ∝ 1/T²: every octave of lengths gets the same share of unrolled
+        steps) or "log-uniform" (runs drawn log-uniformly: long runs take most steps).
     end_weight: a truncation's objective is weighted by 1 + (end_weight - 1) * progress (pes, bptt).
     log_objective: estimators work on log(loss), so runs of any length and tasks of any scale weigh alike.
     validation_horizons: the kept checkpoint ("best") is chosen by held-out validation at these multiples of
@@ -44,6 +47,7 @@ class MetaConfig:
     clip: float = 1.0  # global-norm clip of the meta-gradient before Adam
     truncation: int = 25
     horizon_range: tuple[float, float] = (0.5, 8.0)
+    horizon_draw: str = "equal-steps"
     end_weight: float = 3.0
     log_objective: bool = True
     validation_horizons: tuple[float, ...] = (1.0, 4.0)
@@ -64,6 +68,8 @@ class MetaConfig:
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATOR_NAMES:
             raise ValueError(f"estimator must be one of {ESTIMATOR_NAMES}, got {self.estimator!r}")
+        if self.horizon_draw not in HORIZON_DRAWS:
+            raise ValueError(f"horizon_draw must be one of {HORIZON_DRAWS}, got {self.horizon_draw!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "val_metric" and self.estimator == "bptt":

@@ -56,15 +56,22 @@ def noise(cfg: MetaConfig, iteration: int, member: int, n: int) -> Tensor:
 
 
 def draw_horizon(ctx: Context, *key: object) -> int:
-    """A run length T, log-uniform over `cfg.horizon_range` times the task's horizon (a pure function of key).
+    """A run length T over `cfg.horizon_range` times the task's horizon (a pure function of key).
 
     Runs of many lengths, each told its own T, teach the optimizer a schedule over progress t/T rather than
-    over steps: the learned behaviour then carries to runs longer (or shorter) than the task's horizon."""
+    over steps: the learned behaviour then carries to runs longer (or shorter) than the task's horizon.
+    "equal-steps" draws T with density ∝ 1/T²: a run costs T steps, so every octave of lengths gets the same
+    share of the unrolled steps (log-uniform draws over 0.5x-8x spent 93% of them on runs longer than 1x).
+    "log-uniform" draws the runs themselves log-uniformly."""
     lo, hi = ctx.cfg.horizon_range
     if lo == hi:
         return max(1, round(lo * ctx.horizon))
     u = torch.rand(1, generator=torch.Generator().manual_seed(seed_of(ctx.cfg.seed, "horizon", *key))).item()
-    return max(1, round(ctx.horizon * math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
+    if ctx.cfg.horizon_draw == "equal-steps":
+        multiple = 1.0 / (1.0 / hi + u * (1.0 / lo - 1.0 / hi))
+    else:
+        multiple = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    return max(1, round(ctx.horizon * multiple))
 
 
 def end_weight(cfg: MetaConfig, done: int, horizon: int) -> float:
