@@ -1,14 +1,16 @@
 """One suite, one table: for every built-in task, `l3rs meta-train` with the CLI defaults, then the evaluation
 protocol (tuned baselines on 2 tuning seeds, paired evaluation seeds, bootstrap intervals); prints JSON.
 
-    python benchmarks/suite.py [--tasks all|name,...] [--budget-minutes 60] [--horizons 1] [--seeds 5]
-                               [--baselines adamw,...|all] [--shifts rotated|auto|none] [--out runs/suite]
+    python benchmarks/suite.py [--tasks all|name,...] [--budget-minutes 60] [--horizons auto|1,2] [--seeds 5]
+                               [--baselines auto|adamw,...|all] [--shifts rotated|auto|none] [--out runs/suite]
 
 Writes OUT/suite.md (one table: L3RS vs the best tuned baseline per task and scenario, with 95% intervals,
 plus the break-even count per task) and OUT/suite.png (the final-loss ratio and its interval per task and
-scenario). `--budget-minutes` is the whole suite's: each task gets an equal share, META_SHARE of it for
-meta-training (the evaluation's size is set by --horizons/--seeds/--baselines; the JSON says what each
-stage took, to size the next run).
+scenario). `--budget-minutes` is the whole suite's: each task gets an equal share of what is left when it
+starts, planned like `l3rs quickstart` plans its budget (step and validation times measured first; the
+largest evaluation tier — horizons, baselines, shift — that leaves meta-training its minimum and 30% of the
+share; meta-training gets the rest). --horizons/--baselines override the tiers'; a task whose smallest tier
+does not fit is skipped and said so. The JSON says what each stage was planned to take and took.
 
 Break-even: after how many fine-tuning jobs meta-training once + one L3RS run per job costs less CPU time
 than, per job, sweeping the best baseline's LR (its tuning runs at 1x) + one run at the chosen LR.
@@ -36,15 +38,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from l3rs import tasks  # noqa: E402
+from l3rs import quickstart, tasks  # noqa: E402
 from l3rs.evaluate import BASELINES, evaluate  # noqa: E402
 from l3rs.io import finite, machine, save_json  # noqa: E402
-from l3rs.quickstart import BASELINES as QUICK_BASELINES  # noqa: E402
+from l3rs.meta.command import MIN_BUDGET_MINUTES  # noqa: E402
 from l3rs.report.tables import plus_minus, vs_best_text  # noqa: E402
 from l3rs.results import EvaluationResult, VsBest  # noqa: E402
 
-META_SHARE = 0.4  # of each task's share of the budget
-DEFAULT_BASELINES = (*QUICK_BASELINES, "dog")
+WORKERS = 2
 
 
 def children_cpu_seconds() -> float:
@@ -137,39 +138,59 @@ def _list(text: str, every: list[str]) -> list[str]:
     return every if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
 
 
+def plan_task(name: str, budget_s: float, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
+    """(quickstart-style plan of task `name` within `budget_s`, or None when it cannot fit; its shifts)."""
+    family = tasks.family(name)
+    known = set(tasks.names())
+    shifts = [s.split(":", 1)[1] for s in known if s.startswith(f"{name}:")] if args.shifts == "auto" else \
+        [s for s in _list(args.shifts if args.shifts != "none" else "", []) if f"{name}:{s}" in known]
+    timing = quickstart.measure(family.base)
+    baselines = None if args.baselines == "auto" else _list(args.baselines, list(BASELINES))
+    horizons = None if args.horizons == "auto" else [float(h) for h in args.horizons.split(",")]
+    stages = quickstart.plan(family.base.horizon, budget_s, args.seeds, timing, WORKERS, bool(shifts),
+                             baselines, horizons)
+    return stages, shifts if stages and stages["shift"] else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="all", help="'all' built-in tasks or comma-separated task specs")
     parser.add_argument("--budget-minutes", type=float, default=60.0, help="whole suite (default 60)")
-    parser.add_argument("--horizons", default="1", help="multiples of the meta-training horizon (default 1)")
+    parser.add_argument("--horizons", default="auto", help="multiples of the horizon (default: planned)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--baselines", default=",".join(DEFAULT_BASELINES), help="comma-separated, or 'all'")
+    parser.add_argument("--baselines", default="auto", help="comma-separated, 'all', or 'auto' (planned)")
     parser.add_argument("--shifts", default="rotated", help="'auto', 'none' or comma-separated variants")
     parser.add_argument("--out", default="runs/suite")
     args = parser.parse_args()
     torch.set_num_threads(1)  # single-threaded runs: their wall seconds are CPU seconds
     names = _list(args.tasks, [n for n in tasks.names() if ":" not in n])
-    baselines = _list(args.baselines, list(BASELINES))
-    horizons = [float(h) for h in args.horizons.split(",")]
-    meta_minutes = META_SHARE * args.budget_minutes / len(names)
     out, start, rows, costs, stages = Path(args.out), time.perf_counter(), [], [], []
-    for name in names:
-        known = set(tasks.names())
-        shifts = {"auto": None, "none": []}.get(args.shifts, [s for s in args.shifts.split(",")
-                                                              if f"{name}:{s}" in known])
+    for index, name in enumerate(names):
         t0 = time.perf_counter()
-        best, meta_cpu = meta_train(name, out / name / "meta", meta_minutes)
+        share = (60 * args.budget_minutes - (t0 - start)) / (len(names) - index)
+        planned, shifts = plan_task(name, share, args)
+        if planned is None:
+            stages.append({"task": name, "budget_seconds": share, "skipped": "its smallest evaluation and "
+                           "meta-training do not fit its share of the budget"})
+            print(f"suite: {name} skipped: its share ({share / 60:.1f} min) is below its smallest run",
+                  file=sys.stderr)
+            continue
+        minutes = max(MIN_BUDGET_MINUTES, planned["meta_seconds"] / 60)  # the CLI's smallest budget
+        best, meta_cpu = meta_train(name, out / name / "meta", minutes)
         t1 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
-            result = evaluate(best, name, out / name / "eval", horizons=horizons, seeds=args.seeds,
-                              baselines=baselines, shifts=shifts, progress=False, workers=2)
+            result = evaluate(best, name, out / name / "eval", horizons=planned["horizons"], seeds=planned["seeds"],
+                              baselines=planned["baselines"], shifts=shifts, progress=False, workers=WORKERS)
         rows += rows_of(name, result)
         costs.append(cost_of(name, result, meta_cpu))
-        stages.append({"task": name, "meta_train_seconds": t1 - t0, "evaluate_seconds": time.perf_counter() - t1})
+        stages.append({"task": name, "budget_seconds": share, "plan": planned, "meta_train_seconds": t1 - t0,
+                       "evaluate_seconds": time.perf_counter() - t1, "seconds": time.perf_counter() - t0})
     table = out / "suite.md"
-    table.write_text(markdown(rows, costs))
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = [s["task"] for s in stages if "skipped" in s]
+    table.write_text(markdown(rows, costs) + (f"\nSkipped (budget): {', '.join(skipped)}\n" if skipped else ""))
     report = {"settings": vars(args), "machine": machine(), "rows": rows, "break_even": costs, "stages": stages,
-              "table": str(table), "figure": str(figure(rows, out / "suite.png")),
+              "table": str(table), "figure": str(figure(rows, out / "suite.png")) if rows else None,
               "seconds": time.perf_counter() - start}
     save_json(report, out / "suite.json")
     print(json.dumps(finite(report), indent=1))

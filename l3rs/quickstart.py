@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -63,7 +64,7 @@ TIERS = (  # smallest first: the smallest is the smallest budget the quickstart 
     Tier((1, 2, 5), 5, BASELINES, True),
 )
 META_MIN_SHARE = 0.3  # meta-training gets at least this share of the budget (but the smallest tier)
-META_MIN_UNROLLS = 60  # ... and at least this many horizon-long runs' time (its λ0 sweep alone is 12)
+META_MIN_UNROLLS = 60  # ... and at least this many horizon-long runs' time (λ0 and α sweeps + validation: 46)
 META_MIN_SECONDS = 5.0
 PARALLEL_GAIN = 1.6  # two single-threaded worker processes vs one process running everything
 
@@ -142,16 +143,21 @@ def min_meta_seconds(horizon: int, timing: Timing) -> float:
 
 
 def plan(horizon: int, budget_s: float, seeds: int | None, timing: Timing, workers: int,
-         has_shift: bool) -> dict[str, Any] | None:
+         has_shift: bool, baselines: Sequence[str] | None = None,
+         horizons: Sequence[float] | None = None) -> dict[str, Any] | None:
     """The largest tier whose evaluation leaves meta-training its share; meta-training gets the rest of
-    `budget_s`. None when not even the smallest tier fits. `seeds` overrides the tiers' seed counts."""
-    for tier in reversed(TIERS):
-        eval_s = evaluation_seconds(tier, horizon, seeds or tier.seeds, timing, workers, has_shift)
+    `budget_s`. None when not even the smallest tier fits. `seeds`, `baselines` and `horizons` override the
+    tiers' own."""
+    for index in reversed(range(len(TIERS))):
+        base = TIERS[index]
+        tier = Tier(tuple(horizons or base.horizons), seeds or base.seeds, tuple(baselines or base.baselines),
+                    base.shift)
+        eval_s = evaluation_seconds(tier, horizon, tier.seeds, timing, workers, has_shift)
         meta_s = budget_s - eval_s
-        if meta_s >= min_meta_seconds(horizon, timing) and (tier is TIERS[0] or meta_s >= META_MIN_SHARE * budget_s):
+        if meta_s >= min_meta_seconds(horizon, timing) and (index == 0 or meta_s >= META_MIN_SHARE * budget_s):
             return {"step_seconds": timing.step, "validation_seconds": timing.validation,
                     "eval_seconds_estimate": eval_s, "meta_seconds": meta_s, "horizon": horizon,
-                    "seeds": seeds or tier.seeds, "baselines": list(tier.baselines),
+                    "seeds": tier.seeds, "baselines": list(tier.baselines),
                     "horizons": list(tier.horizons), "shift": tier.shift and has_shift}
     return None
 

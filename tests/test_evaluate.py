@@ -455,11 +455,12 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
 @pytest.mark.slow
 def test_suite_smoke_run_on_a_tiny_task(suite, tiny: str, tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run([sys.executable, suite.__file__, "--tasks", tiny, "--budget-minutes", "0.1",
-                           "--seeds", "2", "--baselines", "adamw,prodigy", "--shifts", "none", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, check=True)
+    proc = subprocess.run([sys.executable, suite.__file__, "--tasks", tiny, "--budget-minutes", "1.5",
+                           "--seeds", "2", "--horizons", "1", "--baselines", "adamw,prodigy", "--shifts", "none",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, check=True)
     report = json.loads(proc.stdout)
     assert [r["task"] for r in report["rows"]] == [tiny] and report["rows"][0]["verdict"] in ("better", "tie", "worse")
     assert report["break_even"][0]["meta_train_cpu_seconds"] > 0
+    assert report["stages"][0]["plan"]["horizons"] == [1.0] and report["seconds"] < 1.3 * 90
     assert "| task | scenario |" in (tmp_path / "suite.md").read_text()
     assert (tmp_path / "suite.png").read_bytes()[:4] == b"\x89PNG"

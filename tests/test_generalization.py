@@ -4,6 +4,7 @@ selection, and perturbed meta-training data disjoint from the evaluation shifts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -49,7 +50,7 @@ def test_sampled_horizons_give_every_octave_the_same_share_of_steps():
     draws = [draw_horizon(ctx, "bptt", 0, k) for k in range(2000)]
     assert min(draws) >= 20 and max(draws) <= 320
     edges = [20, 40, 80, 160, 321]
-    shares = [sum(d for d in draws if a <= d < b) / sum(draws) for a, b in zip(edges, edges[1:])]
+    shares = [sum(d for d in draws if a <= d < b) / sum(draws) for a, b in itertools.pairwise(edges)]
     assert shares == pytest.approx([0.25] * 4, abs=0.05)  # log-uniform runs would give 1/15, 2/15, 4/15, 8/15
     assert draws == [draw_horizon(ctx, "bptt", 0, k) for k in range(2000)]
 

@@ -216,15 +216,17 @@ def test_lr0_sweep_extends_the_grid_past_an_edge():
     assert sweep["grid"] == [1e-3, 1e-2, 0.1] and sweep["lr0"] == 1e-2  # an interior best: no extension
 
 
-@pytest.mark.parametrize("best_long, exponent", [(0.01 / 10**0.25, 0.25 / math.log10(4)),  # between steps
-                                                 (0.01, 0.0),  # λ0 stays best at 4x
-                                                 (1e-5, 1.0 / math.log10(4))])  # below the range: edge
-def test_horizon_exponent_is_fitted_from_the_long_sweep(best_long, exponent):
-    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))  # grid ratio √10: the long sweep tries 0.01, /√10, /10
+@pytest.mark.parametrize("steps_below, expected", [(1.3, 1.3), (3.2, 3.2),  # between grid points
+                                                   (0.0, 0.0),  # λ0 stays best at 4x
+                                                   (6.0, 4.0)])  # below the swept range: its edge
+def test_horizon_exponent_is_fitted_from_the_long_sweep(steps_below, expected):
+    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))  # grid ratio √10: the long sweep tries 0.01 ... 0.0001
+    best_long = 0.01 / 10 ** (steps_below / 2)
     fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01,
                                _fake_run(lambda lr, n: math.exp(math.log10(lr / best_long) ** 2)))
-    assert fit["grid"] == pytest.approx([0.01, 0.01 / 10**0.5, 0.001])
-    assert fit["horizon_exponent"] == pytest.approx(exponent)
+    assert fit["grid"] == pytest.approx([0.01 / 10 ** (k / 2) for k in range(5)])
+    assert fit["horizon_exponent"] == pytest.approx(expected * 0.5 / math.log10(4))  # λ* = λ0 · 4^−α
+    assert fit["steps"] == 5 * 4 * H  # one seed per point
 
 
 def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
@@ -235,6 +237,13 @@ def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
     model = stiff_task().model_fn(0)
     long = L3RS.from_pretrained(best, model.named_parameters(), total_steps=8 * H)
     assert functional.horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
+
+
+def test_a_budget_without_room_for_the_alpha_sweep_skips_it(tmp_path):
+    cfg = small(iterations=1, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
+    info = json.loads((train(stiff_task(), tmp_path, cfg, progress=False) / "optimizer.json").read_text())
+    assert info["lr0_sweep"] is not None and info["horizon_sweep"] is None
+    assert info["config"]["horizon_exponent"] == 0.0
 
 
 # ------------------------------------------------------------------------------------ a real task

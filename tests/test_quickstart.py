@@ -30,6 +30,13 @@ def test_no_tier_fits_below_the_smallest_budget():
     assert stages is not None and stages["horizons"] == [1] and stages["baselines"] == ["adamw"]
 
 
+def test_fixed_horizons_and_baselines_override_the_tiers_and_their_estimate():
+    fixed = qs.plan(60, 6000, 5, SLOW, 2, True, baselines=("adamw", "prodigy"), horizons=(1, 2))
+    assert fixed["horizons"] == [1, 2] and fixed["baselines"] == ["adamw", "prodigy"] and fixed["seeds"] == 5
+    tier = qs.Tier((1, 2), 5, ("adamw", "prodigy"), True)
+    assert fixed["eval_seconds_estimate"] == pytest.approx(qs.evaluation_seconds(tier, 60, 5, SLOW, 2, True))
+
+
 def test_estimate_counts_tuning_seeds_validation_passes_and_workers():
     tier = qs.TIERS[0]
     one = qs.evaluation_seconds(tier, 60, 2, FAST, 1, False)

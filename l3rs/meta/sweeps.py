@@ -19,11 +19,17 @@ from l3rs.seeds import seed_of
 
 GRID_EXTENSIONS = 2  # grid steps added past an edge the λ0 sweep picks (the grid is a prior, not a bound)
 LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (the longest validation horizon)
+# The long sweep runs λ0 and LONG_SWEEP_POINTS - 1 grid steps below it (down to ~λ0/100: on cnn04 the best
+# step at 5x was ~75x below the best at 1x) on one seed: as many steps as 2 seeds of 2.5 points would cost.
+LONG_SWEEP_POINTS = 5
+LONG_SWEEP_SEEDS = 1
 
 
-def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float], run: Any) -> tuple[list[float], int]:
-    """(mean validation loss per λ0, steps spent) of the untrained L3RS over `steps`-step runs."""
-    seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(cfg.lr0_seeds)]
+def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float], run: Any,
+                  seeds: int | None = None) -> tuple[list[float], int]:
+    """(mean validation loss per λ0, steps spent) of the untrained L3RS over `steps`-step runs on `seeds`
+    (default cfg.lr0_seeds) training seeds."""
+    seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(seeds or cfg.lr0_seeds)]
     results = run([Job(None, r, vector, lr, steps, steps, "val_loss") for lr in lrs for r in seeds])
     values = [[r.objective for r in results[i:i + len(seeds)]] for i in range(0, len(results), len(seeds))]
     return [sum(v) / len(v) if all(map(math.isfinite, v)) else math.inf for v in values], \
@@ -57,21 +63,22 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any) -> dict[s
 def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any) -> dict[str, Any]:
     """α from the untrained L3RS's best λ at LONG_SWEEP x the horizon, λ* = λ0 · LONG_SWEEP^−α.
 
-    λ0 and two grid steps below it are run at the long horizon (paired seeds); λ* is the vertex of the
-    parabola through log(loss) over log(λ) (the best point when it is not convex), within the three
-    points: α is continuous in [0, 2 · log(ratio) / log(LONG_SWEEP)]."""
+    λ0 and LONG_SWEEP_POINTS - 1 grid steps below it run at the long horizon; λ* is the vertex of the
+    parabola through log(loss) over log(λ) at the best point and its two neighbours (the best point itself
+    at an edge or where the three are not convex): α is continuous in [0, (points − 1) · log(ratio) /
+    log(LONG_SWEEP)] with ratio the grid's mean step."""
     start = time.perf_counter()
     grid = cfg.lr0_grid
-    ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10.0)
-    lrs = [lr0 / ratio**k for k in range(3)]
+    ratio = (grid[-1] / grid[0]) ** (1 / (len(grid) - 1)) if len(grid) > 1 else math.sqrt(10.0)
+    lrs = [lr0 / ratio**k for k in range(LONG_SWEEP_POINTS)]
     steps = max(1, round(LONG_SWEEP * horizon))
-    losses, spent = _sweep_losses(cfg, steps, vector, lrs, run)
-    below: float = _argmin(losses)  # grid steps below λ0 of the best λ at the long horizon
-    if all(map(math.isfinite, losses)):
-        a, b, c = (math.log(max(v, 1e-12)) for v in losses)
-        if a - 2 * b + c > 0:  # convex: the parabola's vertex, kept within the three points
-            below = min(2.0, max(0.0, 1 + 0.5 * (a - c) / (a - 2 * b + c)))
-    finite = math.isfinite(min(losses))
-    exponent = below * math.log(ratio) / math.log(LONG_SWEEP) if finite else 0.0
+    losses, spent = _sweep_losses(cfg, steps, vector, lrs, run, LONG_SWEEP_SEEDS)
+    best = _argmin(losses)
+    below: float = best  # grid steps below λ0 of the best λ at the long horizon
+    if 0 < best < len(losses) - 1 and all(map(math.isfinite, losses[best - 1:best + 2])):
+        a, b, c = (math.log(max(v, 1e-12)) for v in losses[best - 1:best + 2])
+        if a - 2 * b + c > 0:  # b is the lowest: the vertex lies within half a step of it
+            below = best + 0.5 * (a - c) / (a - 2 * b + c)
+    exponent = below * math.log(ratio) / math.log(LONG_SWEEP) if math.isfinite(losses[best]) else 0.0
     return {"multiple": LONG_SWEEP, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent,
             "seconds": time.perf_counter() - start, "steps": spent}

@@ -30,7 +30,7 @@ from l3rs.io import atomic_write
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
-from l3rs.meta.sweeps import LONG_SWEEP, horizon_exponent_fit, lr0_sweep
+from l3rs.meta.sweeps import LONG_SWEEP, LONG_SWEEP_POINTS, LONG_SWEEP_SEEDS, horizon_exponent_fit, lr0_sweep
 from l3rs.meta.unroll import Job, Worker, pack, unpack
 from l3rs.optim import save_meta
 from l3rs.tasks import Task, TaskFamily
@@ -132,13 +132,26 @@ def validation_score(values: list[float], untrained: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ state
+def _long_sweep_fits(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None, run: Any) -> bool:
+    """Whether the α sweep and the first validation fit 80% of the budget together with the λ0 sweep, at the
+    λ0 sweep's pace (always without a budget or a λ0 sweep); otherwise α stays 0 (λ0 at any length)."""
+    if cfg.budget_minutes is None or sweep is None:
+        return True
+    seconds = run.agree(sweep["seconds"])  # every rank decides alike
+    steps = (LONG_SWEEP_POINTS * LONG_SWEEP_SEEDS * LONG_SWEEP
+             + cfg.validation_seeds * sum(cfg.validation_horizons)) * horizon
+    return seconds * (1 + steps / max(sweep["steps"], 1)) <= 0.8 * 60 * cfg.budget_minutes
+
+
 def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any) -> TrainState:
     start = time.perf_counter()
     vector = _initial_vector(opt_config, cfg.seed, len(_tensors(family)[0]))
     sweep = None if cfg.lr0 is not None else lr0_sweep(cfg, horizon, vector, run)
     lr0 = cfg.lr0 if sweep is None else sweep["lr0"]
-    fit = None if cfg.horizon_exponent is not None else horizon_exponent_fit(cfg, horizon, vector, lr0, run)
-    exponent = cfg.horizon_exponent if fit is None else fit["horizon_exponent"]
+    fit = None
+    if cfg.horizon_exponent is None and _long_sweep_fits(cfg, horizon, sweep, run):
+        fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run)
+    exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent or 0.0
     validation_start = time.perf_counter()
     val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
     validation_seconds = time.perf_counter() - validation_start
@@ -278,6 +291,9 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                               else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
             state.seconds = runner.agree(state.seconds)
+            if progress and runner.rank == 0 and cfg.horizon_exponent is None and state.horizon_sweep is None:
+                tqdm.write("meta-train: the budget leaves no room for the α sweep: α = 0 (λ0 at any run length); "
+                           "give a larger --budget-minutes or set --horizon-exponent")
             if runner.rank == 0:
                 _log(out, {"iteration": 0, "objective": None, "validation": state.untrained_validation,
                            "validation_score": 0.0, "best_score": 0.0, "seconds": state.seconds,
