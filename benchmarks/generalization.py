@@ -2,7 +2,7 @@
 evaluate it against LR-tuned baselines at 1x/2x/5x its horizon and on unseen shifts; print JSON.
 
     python benchmarks/generalization.py [--tasks mnistcnn-digits,cnn04-mnist59] [--out runs/generalization]
-                                        [--baselines-from runs/generalization-previous]
+                                        [--baselines-from docs/generalization]
 
 Per task and scenario: the final validation loss ratio L3RS / best tuned baseline with its 95% paired-bootstrap
 interval, the speed-up with its interval, and the verdict (from `l3rs evaluate`'s evaluation.json), plus the
@@ -75,11 +75,12 @@ def lambda_shape(optimizer_dir: Path, task: Any, multiple: float = 5.0) -> dict[
 
 
 def previous_evaluation(baselines_from: str | None, task: str) -> Path | None:
-    """The evaluation.json a previous run of this script wrote for `task`, if any."""
+    """The evaluation.json of `task` under a previous run's output (DIR/TASK/eval/) or under a copy of it
+    without the eval/ level (DIR/TASK/, as in docs/generalization), if any."""
     if baselines_from is None:
         return None
-    path = Path(baselines_from) / task / "eval" / "evaluation.json"
-    return path if path.is_file() else None
+    paths = [Path(baselines_from) / task / "eval" / "evaluation.json", Path(baselines_from) / task / "evaluation.json"]
+    return next((p for p in paths if p.is_file()), None)
 
 
 def rows_of(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,8 +108,8 @@ def main() -> None:
     parser.add_argument("--shifts", default="rotated")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baselines-from", default=None, metavar="DIR",
-                        help="a previous run's --out: reuse the tuned baselines of its TASK/eval/evaluation.json "
-                             "where they match (see `l3rs evaluate --baselines-from`)")
+                        help="a previous run's --out (or docs/generalization): reuse the tuned baselines of its "
+                             "TASK/[eval/]evaluation.json where they match (see `l3rs evaluate --baselines-from`)")
     args = parser.parse_args()
     start, out = time.perf_counter(), Path(args.out)
     report: dict[str, Any] = {"settings": vars(args), "machine": machine(), "tasks": {}}

@@ -450,6 +450,10 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
     path.parent.mkdir(parents=True)
     path.write_text("{}")
     assert previous(str(tmp_path), "tiny") == path
+    copy = tmp_path / "docs" / "tiny" / "evaluation.json"  # a copy without the eval/ level
+    copy.parent.mkdir(parents=True)
+    copy.write_text("{}")
+    assert previous(str(tmp_path / "docs"), "tiny") == copy
 
 
 @pytest.mark.slow
