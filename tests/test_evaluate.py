@@ -411,6 +411,11 @@ def test_missing_baselines_from_file_is_a_one_line_error(tiny: str, opt_dir: str
                        "--no-progress", "--baselines-from", str(tmp_path / "nope.json")], capsys)
     assert rc == 2 and len(err) == 1 and "--baselines-from" in err[0] and "nope.json" in err[0]
     assert not (tmp_path / "o").exists()
+    for name, text in (("old.json", '{"format_version": 0}'), ("broken.json", "{not json")):
+        (tmp_path / name).write_text(text)
+        rc, err = run_cli(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(tmp_path / "o"),
+                           "--no-progress", "--baselines-from", str(tmp_path / name)], capsys)
+        assert rc == 2 and len(err) == 1 and "not a readable evaluation.json" in err[0]
 
 
 def test_parallel_runner_matches_sequential(tiny: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from l3rs.errors import UsageError
 from l3rs.evaluate.methods import BASELINES
 from l3rs.evaluate.protocol import SHIFT_SCENARIOS, evaluate
+from l3rs.results import load
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -60,13 +61,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _check_previous(path: str) -> None:
+    """A one-line error, before any run, for a --baselines-from file that is missing or not readable."""
+    if not Path(path).is_file():
+        raise UsageError(f"--baselines-from {path}: no such file (a previous evaluation.json)")
+    try:
+        load(path)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"--baselines-from {path}: not a readable evaluation.json ({e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
         raise UsageError(f"--budget-minutes must be > 0, got {args.budget_minutes:g}")
-    if args.baselines_from is not None and not Path(args.baselines_from).is_file():
-        raise UsageError(f"--baselines-from {args.baselines_from}: no such file (a previous evaluation.json)")
+    if args.baselines_from is not None:
+        _check_previous(args.baselines_from)
     listed = [s.strip() for s in args.shifts.split(",") if s.strip()]
     shifts = {"auto": None, "none": []}.get(args.shifts, listed)
     result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
