@@ -142,8 +142,9 @@ def plan_task(name: str, budget_s: float, args: argparse.Namespace) -> tuple[dic
     """(quickstart-style plan of task `name` within `budget_s`, or None when it cannot fit; its shifts)."""
     family = tasks.family(name)
     known = set(tasks.names())
-    shifts = [s.split(":", 1)[1] for s in known if s.startswith(f"{name}:")] if args.shifts == "auto" else \
-        [s for s in _list(args.shifts if args.shifts != "none" else "", []) if f"{name}:{s}" in known]
+    wanted = {"auto": [s.split(":", 1)[1] for s in tasks.names() if s.startswith(f"{name}:")], "none": []}.get(
+        args.shifts, _list(args.shifts, []))
+    shifts = [s for s in wanted if f"{name}:{s}" in known]
     timing = quickstart.measure(family.base)
     baselines = None if args.baselines == "auto" else _list(args.baselines, list(BASELINES))
     horizons = None if args.horizons == "auto" else [float(h) for h in args.horizons.split(",")]

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from l3rs.meta.config import MetaConfig
-from l3rs.meta.unroll import Job
+from l3rs.meta.unroll import Job, mean_objectives
 from l3rs.seeds import seed_of
 
 GRID_EXTENSIONS = 2  # grid steps added past an edge the λ0 sweep picks (the grid is a prior, not a bound)
@@ -31,9 +31,12 @@ def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float],
     (default cfg.lr0_seeds) training seeds."""
     seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(seeds or cfg.lr0_seeds)]
     results = run([Job(None, r, vector, lr, steps, steps, "val_loss") for lr in lrs for r in seeds])
-    values = [[r.objective for r in results[i:i + len(seeds)]] for i in range(0, len(results), len(seeds))]
-    return [sum(v) / len(v) if all(map(math.isfinite, v)) else math.inf for v in values], \
-        sum(r.steps for r in results)
+    return mean_objectives(results, len(seeds)), sum(r.steps for r in results)
+
+
+def long_sweep_steps(horizon: int) -> int:
+    """The fine-tuning steps `horizon_exponent_fit` spends (budgets plan for it)."""
+    return LONG_SWEEP_POINTS * LONG_SWEEP_SEEDS * max(1, round(LONG_SWEEP * horizon))
 
 
 def _argmin(values: list[float]) -> int:

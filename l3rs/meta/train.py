@@ -30,8 +30,8 @@ from l3rs.io import atomic_write
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
-from l3rs.meta.sweeps import LONG_SWEEP, LONG_SWEEP_POINTS, LONG_SWEEP_SEEDS, horizon_exponent_fit, lr0_sweep
-from l3rs.meta.unroll import Job, Worker, pack, unpack
+from l3rs.meta.sweeps import LONG_SWEEP, horizon_exponent_fit, long_sweep_steps, lr0_sweep
+from l3rs.meta.unroll import Job, Worker, mean_objectives, pack, unpack
 from l3rs.optim import save_meta
 from l3rs.tasks import Task, TaskFamily
 
@@ -115,11 +115,7 @@ def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any
     jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent)
             for n in lengths for k in range(cfg.validation_seeds)]
     results = run(jobs)
-    means = []
-    for i in range(len(lengths)):
-        values = [r.objective for r in results[i * cfg.validation_seeds:(i + 1) * cfg.validation_seeds]]
-        means.append(sum(values) / len(values) if all(map(math.isfinite, values)) else math.inf)
-    return means, sum(r.steps for r in results)
+    return mean_objectives(results, cfg.validation_seeds), sum(r.steps for r in results)
 
 
 def validation_score(values: list[float], untrained: list[float]) -> float:
@@ -138,8 +134,7 @@ def _long_sweep_fits(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None
     if cfg.budget_minutes is None or sweep is None:
         return True
     seconds = run.agree(sweep["seconds"])  # every rank decides alike
-    steps = (LONG_SWEEP_POINTS * LONG_SWEEP_SEEDS * LONG_SWEEP
-             + cfg.validation_seeds * sum(cfg.validation_horizons)) * horizon
+    steps = long_sweep_steps(horizon) + cfg.validation_seeds * sum(cfg.validation_horizons) * horizon
     return seconds * (1 + steps / max(sweep["steps"], 1)) <= 0.8 * 60 * cfg.budget_minutes
 
 

@@ -159,6 +159,13 @@ class Result(NamedTuple):
     steps: int
 
 
+def mean_objectives(results: list[Result], group: int) -> list[float]:
+    """Mean objective of each consecutive `group` of results (the seeds of one setting); inf for a group
+    holding a diverged run."""
+    chunks = [[r.objective for r in results[i:i + group]] for i in range(0, len(results), group)]
+    return [sum(c) / len(c) if all(map(math.isfinite, c)) else math.inf for c in chunks]
+
+
 @contextmanager
 def single_thread():
     """Jobs always run on one intra-op thread: results are then bit-identical on any worker layout."""
