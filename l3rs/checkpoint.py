@@ -21,7 +21,10 @@ from l3rs.io import atomic_write
 from l3rs.version import __version__
 
 FORMAT = "l3rs-optimizer"
-FORMAT_VERSION = 2  # 2: horizon-relative time features and a base schedule (1.x dirs are refused)
+# 2: horizon-relative time features and a base schedule (1.x dirs are refused); 3: `normalize` may be "snr",
+# which version-2 readers would take for True (version-2 dirs still load: their meaning is unchanged)
+FORMAT_VERSION = 3
+OLDEST_READABLE = 2
 WEIGHTS_FILE = "optimizer.safetensors"
 CONFIG_FILE = "optimizer.json"
 # Path components that wrappers insert into parameter names: DDP, torch.compile, FSDP (1).
@@ -111,9 +114,9 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{doc_file} has format version {version}; this l3rs reads "
                               f"up to {FORMAT_VERSION}: upgrade l3rs")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE:
         raise CheckpointError(f"{doc_file} has format version {version}: its features and step-size "
-                              f"parameterization changed in version {FORMAT_VERSION}; meta-train it again")
+                              f"parameterization changed in version {OLDEST_READABLE}; meta-train it again")
     try:
         config = Config.from_dict(info["config"])
         names, shapes = info["tensor_names"], info["tensor_shapes"]

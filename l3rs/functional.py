@@ -37,6 +37,10 @@ _MIXES = ("softmax", "linear")
 _SCOPES = ("tensor", "global")
 _FEATURES = ("all", "none")
 SCHEDULES = ("cosine", "linear", "constant")
+# "rms": every direction to unit RMS per tensor at every step (the paper); "snr": unit RMS times the RMS of
+# the Adam direction m̂/(√v̂+ε) of the same tensor, which shrinks as noise takes over the gradient (Adam's own
+# annealing, which "rms" removes: long runs then keep stepping at full size); "none": raw directions
+NORMALIZATIONS = ("rms", "snr", "none")
 STEP_BUDGETS = ("shared", "free")
 
 
@@ -45,7 +49,7 @@ class Config:
     """Everything that defines an L3RS optimizer besides its meta-parameters (saved in optimizer.json)."""
 
     bases: tuple[str, ...] = base_lib.DEFAULT
-    normalize: bool = True  # RMS-normalize each base direction per tensor
+    normalize: str = "rms"  # one of NORMALIZATIONS (True / False are read as "rms" / "none")
     mix: str = "softmax"  # "softmax": convex mix; "linear": signed weights starting uniform
     features: str = "all"  # "all" | "none" (ablation: a learned constant per tensor)
     scope: str = "tensor"  # "tensor" | "global" (ablation: one set of coefficients for all tensors)
@@ -68,17 +72,23 @@ class Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bases", tuple(self.bases))
+        if isinstance(self.normalize, bool):
+            object.__setattr__(self, "normalize", "rms" if self.normalize else "none")
         if not self.bases:
             raise ValueError("bases must name at least one base direction")
         for name in self.bases:
             base_lib.get(name)
         if len(set(self.bases)) != len(self.bases):
             raise ValueError(f"bases contains duplicates: {self.bases}")
-        for key, value, allowed in (("mix", self.mix, _MIXES), ("scope", self.scope, _SCOPES),
-                                    ("features", self.features, _FEATURES), ("schedule", self.schedule, SCHEDULES),
+        for key, value, allowed in (("normalize", self.normalize, NORMALIZATIONS), ("mix", self.mix, _MIXES),
+                                    ("scope", self.scope, _SCOPES), ("features", self.features, _FEATURES),
+                                    ("schedule", self.schedule, SCHEDULES),
                                     ("step_budget", self.step_budget, STEP_BUDGETS)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+        if self.normalize == "snr" and "adam" not in self.bases:
+            raise ValueError('normalize="snr" scales every direction by the Adam direction\'s RMS: add "adam" '
+                             f'to bases {self.bases} or pick normalize="rms"')
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup!r}")
         if not self.max_log_scale > 0:
@@ -185,13 +195,13 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
 
 
 def _scale(config: Config, base_scale: Tensor, d: TensorList, factor: float, grads: TensorList,
-           grad_rms: Tensor, sqrt_numel: Tensor) -> Tensor:
+           grad_rms: Tensor, sqrt_numel: Tensor, snr: Tensor | None) -> Tensor:
     """Per-tensor coefficients c [T] with this base's contribution = c_l * d_l (factor folded in)."""
-    if config.normalize:  # rms(factor * d) = factor * rms(d): the factor cancels
-        scale = base_scale / ((grad_rms if d is grads else _rms(d, sqrt_numel)) + 1e-12 / factor)
-    else:
-        scale = base_scale * factor
-    return scale.to(d[0].dtype)
+    if config.normalize == "none":
+        return (base_scale * factor).to(d[0].dtype)
+    # rms(factor * d) = factor * rms(d): the factor cancels
+    scale = base_scale / ((grad_rms if d is grads else _rms(d, sqrt_numel)) + 1e-12 / factor)
+    return (scale if snr is None else scale * snr).to(d[0].dtype)
 
 
 def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned: bool,
@@ -269,17 +279,24 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
     scratch = base_lib.Scratch(workspace)
     borrowed = {id(t) for ts in (grads, params, *moments[1:]) if ts is not None for t in ts}
     updates: TensorList | None = None
+    snr: Tensor | None = None  # normalize="snr": the Adam direction's RMS per tensor (Adam goes first)
+    order = sorted(range(len(config.bases)), key=lambda p: config.normalize == "snr" and config.bases[p] != "adam")
     deferred = []
-    for p, name in enumerate(config.bases):
-        scratch.later = config.bases[p + 1 :]
+    for k, p in enumerate(order):
+        name = config.bases[p]
+        scratch.later = tuple(config.bases[q] for q in order[k + 1 :])
         d, factor = base_lib.scaled_direction(name, grads, moments, params, config.hyper, scratch)
         if any(id(t) in borrowed for t in d):
             deferred.append((p, d, factor))
             continue
-        scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel)
+        if config.normalize == "snr" and name == "adam":  # unit RMS times its own RMS: Adam as it is
+            snr = factor * _rms(d, sqrt_numel)
+            scale = (base_scale[:, p] * factor).to(d[0].dtype)
+        else:
+            scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel, snr)
         updates = _accumulate(updates, d, scale, True, scratch)
     for p, d, factor in deferred:
-        scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel)
+        scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel, snr)
         updates = _accumulate(updates, d, scale, False, scratch)
     return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)
 

@@ -61,6 +61,16 @@ def test_single_base_unnormalized_reproduces_torch(base, reference):
     assert max_diff(ours, small_model()) > 1e-3  # it actually moved
 
 
+def test_snr_normalized_adam_alone_is_adam():
+    ours, theirs = small_model(), small_model()
+    opt = L3RS(ours.named_parameters(), lr=0.01, bases=("adam",), normalize="snr", schedule="constant")
+    train(ours, opt, 50)
+    train(theirs, torch.optim.Adam(theirs.parameters(), lr=0.01), 50)
+    assert max_diff(ours, theirs) < 1e-6  # unit RMS times the Adam direction's RMS: Adam itself
+    with pytest.raises(ValueError, match="add \"adam\""):
+        L3RS(small_model().named_parameters(), bases=("sgd", "sign"), normalize="snr")
+
+
 def test_momentum_base_is_ema_momentum_sgd():
     ours, theirs = small_model(), small_model()
     opt = L3RS(ours.named_parameters(), lr=0.1, bases=("momentum",), normalize=False)

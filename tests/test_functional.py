@@ -19,8 +19,9 @@ def _problem(seed: int = 0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]
 
 @pytest.mark.parametrize("base_set", [bases.DEFAULT, ("nesterov", "adabelief", "to_init", "ortho", "adam")])
 @pytest.mark.parametrize("with_workspace", [False, True])
-def test_pure_and_in_place_steps_agree_step_by_step(base_set, with_workspace):
-    config = functional.Config(bases=base_set)
+@pytest.mark.parametrize("normalize", ["rms", "snr"])
+def test_pure_and_in_place_steps_agree_step_by_step(base_set, with_workspace, normalize):
+    config = functional.Config(bases=base_set, normalize=normalize)
     gen = torch.Generator().manual_seed(1)
     meta = {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in config.init_meta(4).items()}
     params, grads = _problem()
@@ -41,6 +42,34 @@ def test_pure_and_in_place_steps_agree_step_by_step(base_set, with_workspace):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         if k > 0 and before:  # the pure step returned new moments and left the old ones alone
             assert not any(torch.equal(x, y) for x, y in zip(before, pure_state.moments.m, strict=True))
+
+
+def test_snr_scales_every_tensors_unit_rms_step_by_its_adam_direction_rms():
+    rms_config = functional.Config(bases=bases.DEFAULT)
+    snr_config = functional.Config(bases=bases.DEFAULT, normalize="snr")
+    meta = rms_config.init_meta(4)
+    params, grads = _problem()
+    state = functional.init(rms_config, params)
+    for g in grads[:3]:  # a few steps in, so Adam's direction is no longer sign(g)
+        _, state, _ = functional.update(rms_config, meta, g, state, params, lr=1e-2)
+    g = grads[3]
+    unit, _, _ = functional.update(rms_config, meta, g, state, params, lr=1e-2)
+    scaled, _, _ = functional.update(snr_config, meta, g, state, params, lr=1e-2)
+    moments = bases.update(g, state.moments, rms_config.hyper)
+    adam = bases.direction("adam", g, moments, params, rms_config.hyper)
+    for u, s, a in zip(unit, scaled, adam, strict=True):
+        ratio = a.pow(2).mean().sqrt()
+        assert 0.05 < ratio < 0.99  # the factor is real: Adam's direction has shrunk below unit RMS
+        torch.testing.assert_close(s, u * ratio, rtol=1e-5, atol=1e-8)
+
+
+def test_normalize_accepts_the_old_booleans_and_names_its_choices():
+    assert functional.Config(normalize=True).normalize == "rms"
+    assert functional.Config(normalize=False).normalize == "none"
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        functional.Config(normalize="l2")
+    with pytest.raises(ValueError, match='add "adam"'):
+        functional.Config(bases=("sgd", "sign"), normalize="snr")
 
 
 def test_in_place_step_overwrites_the_moments_and_skips_non_finite_gradients():

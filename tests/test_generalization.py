@@ -140,6 +140,17 @@ def test_an_old_format_optimizer_is_refused_with_its_version(tmp_path):
         load_meta(tmp_path)
 
 
+def test_a_version_2_optimizer_still_loads_with_its_rms_normalization(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    L3RS(model.named_parameters(), lr=1e-3).save_pretrained(tmp_path)
+    doc = json.loads((tmp_path / "optimizer.json").read_text())
+    assert doc["config"]["normalize"] == "rms"
+    old = {**doc, "format_version": 2, "config": {**doc["config"], "normalize": True}}
+    (tmp_path / "optimizer.json").write_text(json.dumps(old))
+    loaded = L3RS.from_pretrained(tmp_path, model.named_parameters())
+    assert loaded.config.normalize == "rms"
+
+
 # ------------------------------------------------------------------------- data for shift generalization
 def test_perturbed_variants_are_mild_seeded_and_not_the_evaluation_shifts():
     x = builtin.splits("mnistcnn-digits")[1][0][:64]

@@ -249,7 +249,7 @@ def test_a_budget_without_room_for_the_alpha_sweep_skips_it(tmp_path):
 # ------------------------------------------------------------------------------------ a real task
 def _digits_config(**kw) -> MetaConfig:
     base = dict(estimator="bptt", horizon=30, truncation=10, iterations=10,
-                tasks_per_iteration=2, lr0=None, lr0_grid=(3e-4, 1e-3), lr0_seeds=1, validate_every=3,
+                tasks_per_iteration=2, lr0=None, lr0_grid=(1e-3, 3e-3), lr0_seeds=1, validate_every=3,
                 validation_seeds=1, val_subset=256, horizon_range=(1.0, 1.0), validation_horizons=(1.0,),
                 horizon_exponent=0.0)  # every run has the horizon's length: α would change nothing
     return MetaConfig(**{**base, **kw})
@@ -263,8 +263,8 @@ def _beats_untrained_on_digits(tmp_path: Path, cfg: MetaConfig) -> None:
     lr0, seeds = json.loads((best / "optimizer.json").read_text())["lr"], range(1000, 1003)
     trained = held_out_val_loss(family.base, lambda n, t: L3RS.from_pretrained(best, n, total_steps=t),
                                 cfg.horizon, seeds)
-    untrained = held_out_val_loss(family.base, lambda n, t: L3RS(n, lr=lr0, total_steps=t), cfg.horizon,
-                                  seeds)
+    untrained = held_out_val_loss(family.base, lambda n, t: L3RS(n, lr=lr0, total_steps=t, config=cfg.config),
+                                  cfg.horizon, seeds)
     info = json.loads((best / "optimizer.json").read_text())
     assert info["validation_score"] < -0.05  # beat the untrained (scheduled) optimizer on validation seeds
     assert trained < untrained  # and on runs never seen in meta-training

@@ -7,7 +7,7 @@ import json
 import os
 
 from l3rs.errors import UsageError
-from l3rs.functional import SCHEDULES, STEP_BUDGETS, Config
+from l3rs.functional import NORMALIZATIONS, SCHEDULES, STEP_BUDGETS, Config
 from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, MetaConfig
 
 DEFAULT_BUDGET_MINUTES = 5.0
@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="multiples of the horizon at which held-out validation picks the kept checkpoint")
     parser.add_argument("--validate-every", type=int, default=d.validate_every,
                         help="iterations between held-out validations (they pick the kept checkpoint)")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=d.config.normalize,
+                        help="snr: each direction at unit RMS times the RMS of Adam's direction (shrinks as "
+                             "noise takes over); rms: unit RMS at every step (the paper); none: raw")
     parser.add_argument("--schedule", choices=SCHEDULES, default=Config.schedule,
                         help="base schedule the learned step size deviates from")
     parser.add_argument("--step-budget", choices=STEP_BUDGETS, default=Config.step_budget,
@@ -95,8 +98,8 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
         budget = DEFAULT_BUDGET_MINUTES
     try:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
-        config = Config(bases=bases or Config.bases, schedule=args.schedule, max_log_scale=args.max_log_scale,
-                        step_budget=args.step_budget)
+        config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
+                        max_log_scale=args.max_log_scale, step_budget=args.step_budget)
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=args.iterations or 1_000_000, budget_minutes=budget,
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,

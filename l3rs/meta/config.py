@@ -33,6 +33,7 @@ class MetaConfig:
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
         None fits it from a second sweep of the untrained optimizer at 4x the horizon (it replaces
         config.horizon_exponent).
+    config: the trained optimizer's Config (default: `Config(normalize="snr")`).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
 
@@ -63,7 +64,9 @@ class MetaConfig:
     seed: int = 0
     workers: int = 1
     device: str | None = None  # None: wherever the task's model lives
-    config: Config = field(default_factory=Config)
+    # the optimizer being trained; snr normalization by default: its step keeps Adam's own shrinkage, so
+    # runs longer than the horizon do not keep stepping at full size ("rms", the paper's, does)
+    config: Config = field(default_factory=lambda: Config(normalize="snr"))
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATOR_NAMES:
