@@ -229,6 +229,15 @@ def test_horizon_exponent_is_fitted_from_the_long_sweep(steps_below, expected):
     assert fit["steps"] == 5 * 4 * H  # one seed per point
 
 
+def test_a_long_sweep_gain_within_seed_noise_keeps_alpha_zero():
+    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))
+    # the best step at 4x sits 3 grid steps below λ0 but is only 5% better: flat, noise-level, α stays 0
+    losses = dict(zip([0.01 / 10 ** (k / 2) for k in range(5)], [0.135, 0.145, 0.135, 0.1286, 0.163], strict=True))
+    fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01,
+                               _fake_run(lambda lr, n: min(losses.items(), key=lambda kv: abs(kv[0] - lr))[1]))
+    assert fit["horizon_exponent"] == 0.0 and fit["val_loss"][3] < fit["val_loss"][0]
+
+
 def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
     best = train(stiff_task(), tmp_path, small(iterations=1), progress=False)
     info = json.loads((best / "optimizer.json").read_text())
