@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -248,11 +249,16 @@ def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
     assert functional.horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
 
 
-def test_a_budget_without_room_for_the_alpha_sweep_skips_it(tmp_path):
-    cfg = small(iterations=1, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
+def test_a_budget_without_room_for_the_alpha_sweep_or_validation_ships_the_untrained_optimizer(tmp_path):
+    cfg = small(iterations=5, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
     info = json.loads((train(stiff_task(), tmp_path, cfg, progress=False) / "optimizer.json").read_text())
     assert info["lr0_sweep"] is not None and info["horizon_sweep"] is None
     assert info["config"]["horizon_exponent"] == 0.0
+    # no room for a first and a final validation: no meta-training at all, the swept λ0 ships untrained
+    assert info["validation"] is None and info["untrained_validation"] is None and info["iteration"] == 0
+    assert info["lr"] == info["lr0_sweep"]["lr0"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0] and lines[0]["validation"] is None
 
 
 # ------------------------------------------------------------------------------------ a real task
@@ -364,6 +370,20 @@ def test_diverging_members_never_poison_the_meta_parameters(tmp_path, estimator,
         assert torch.isfinite(meta_vector(best.parent / name)).all()
     lines = [json.loads(x) for x in (best.parent / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 4
+
+
+def test_meta_train_says_when_the_untrained_optimizer_ships(tmp_path, monkeypatch, capsys):
+    module = sys.modules["l3rs.meta.train"]  # (l3rs.meta.train the attribute is the function)
+    original = module.train
+
+    def no_room(task, out, cfg, **kwargs):  # the CLI's run with a budget that has no room to validate
+        return original(task, out, dataclasses.replace(cfg, budget_minutes=1e-6, lr0=None, lr0_grid=(0.01, 0.03)),
+                        **kwargs)
+
+    monkeypatch.setattr(module, "train", no_room)
+    assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "x"),
+                     "--no-progress", "--iterations", "3"]) == 0
+    assert "(untrained: no room to meta-train; λ0 " in capsys.readouterr().out
 
 
 def test_meta_train_refuses_budgets_below_its_minimum(tmp_path, capsys):

@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"meta-train: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         info = json.loads((best / "optimizer.json").read_text())
-        print(f"best optimizer: {best} (validation {info['validation']:.4g} at iteration "
-              f"{info['best_iteration']}; "
-              f"untrained {info['untrained_validation']:.4g}; λ0 {info['lr']:.3g}, "
-              f"α {info['config']['horizon_exponent']:.2f}; "
+        found = ("untrained: no room to meta-train" if info["validation"] is None else
+                 f"validation {info['validation']:.4g} at iteration {info['best_iteration']}; "
+                 f"untrained {info['untrained_validation']:.4g}")
+        print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
     return 0

@@ -52,8 +52,10 @@ class TrainState:
     best_vector: Tensor
     lr0: float
     lr0_sweep: dict[str, Any] | None
-    untrained_validation: list[float]  # val loss of the untrained optimizer, per validation horizon
-    best_validation: list[float]  # the same for the best checkpoint so far
+    # val loss of the untrained optimizer, per validation horizon (None: the budget had no room to validate,
+    # so nothing is meta-trained and the untrained optimizer ships)
+    untrained_validation: list[float] | None
+    best_validation: list[float] | None  # the same for the best checkpoint so far
     best_score: float  # worst log(best / untrained) over validation horizons (0: the untrained optimizer)
     best_iteration: int
     seconds: float
@@ -128,14 +130,25 @@ def validation_score(values: list[float], untrained: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ state
-def _long_sweep_fits(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None, run: Any) -> bool:
-    """Whether the α sweep and the first validation fit 80% of the budget together with the λ0 sweep, at the
-    λ0 sweep's pace (always without a budget or a λ0 sweep); otherwise α stays 0 (λ0 at any length)."""
+def _fits(cfg: MetaConfig, sweep: dict[str, Any] | None, steps: float, spent: float, run: Any,
+          share: float = 1.0) -> bool:
+    """Whether `steps` more fine-tuning steps at the λ0 sweep's pace, after `spent` seconds, fit `share` of the
+    budget (always without a budget or a λ0 sweep). Every rank decides alike."""
     if cfg.budget_minutes is None or sweep is None:
         return True
-    seconds = run.agree(sweep["seconds"])  # every rank decides alike
-    steps = long_sweep_steps(horizon) + cfg.validation_seeds * sum(cfg.validation_horizons) * horizon
-    return seconds * (1 + steps / max(sweep["steps"], 1)) <= 0.8 * 60 * cfg.budget_minutes
+    pace = run.agree(sweep["seconds"]) / max(sweep["steps"], 1)
+    return run.agree(spent) + pace * steps <= share * 60 * cfg.budget_minutes
+
+
+def _validation_steps(cfg: MetaConfig, horizon: int) -> float:
+    return cfg.validation_seeds * sum(cfg.validation_horizons) * horizon
+
+
+def _long_sweep_fits(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None, run: Any) -> bool:
+    """Whether the α sweep and the first validation fit 80% of the budget together with the λ0 sweep;
+    otherwise α stays 0 (λ0 at any length)."""
+    steps = long_sweep_steps(horizon) + _validation_steps(cfg, horizon)
+    return sweep is None or _fits(cfg, sweep, steps, sweep["seconds"], run, 0.8)
 
 
 def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any) -> TrainState:
@@ -148,7 +161,10 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run)
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent or 0.0
     validation_start = time.perf_counter()
-    val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
+    val, val_steps = None, 0
+    # the first validation and a final one (of whatever meta-training then does) must fit the budget
+    if _fits(cfg, sweep, 2 * _validation_steps(cfg, horizon), validation_start - start, run):
+        val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
     validation_seconds = time.perf_counter() - validation_start
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
                       best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=val,
@@ -237,10 +253,11 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
             "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
             "seed": cfg.seed,
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
-            "untrained_validation": state.untrained_validation[0],
+            "untrained_validation": state.untrained_validation and state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,
             "meta_config": {k: v for k, v in cfg.to_dict().items() if k != "config"}}  # to re-run ablations
-    best = {"validation": state.best_validation[0], "validation_by_horizon": state.best_validation,
+    best = {"validation": state.best_validation and state.best_validation[0],
+            "validation_by_horizon": state.best_validation,
             "validation_score": state.best_score, "best_iteration": state.best_iteration}
     for name, vector, extra in (("best", state.best_vector, best), ("latest", state.vector, {})):
         save_meta(out / name, mixer.unflatten(vector, like), opt_config, names, shapes, state.lr0, horizon,
@@ -289,6 +306,9 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
             if progress and runner.rank == 0 and cfg.horizon_exponent is None and state.horizon_sweep is None:
                 tqdm.write("meta-train: the budget leaves no room for the α sweep: α = 0 (λ0 at any run length); "
                            "give a larger --budget-minutes or set --horizon-exponent")
+            if progress and runner.rank == 0 and state.untrained_validation is None:
+                tqdm.write("meta-train: the budget leaves no room to validate meta-training: the untrained optimizer "
+                           "ships with the swept λ0; give a larger --budget-minutes to meta-train")
             if runner.rank == 0:
                 _log(out, {"iteration": 0, "objective": None, "validation": state.untrained_validation,
                            "validation_score": 0.0, "best_score": 0.0, "seconds": state.seconds,
@@ -328,6 +348,8 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
     if lead:
         _export(out, state, family, cfg, opt_config, horizon)
     estimator, ctx = ESTIMATORS[cfg.estimator], Context(cfg, horizon, state.lr0, state.horizon_exponent)
+    if state.untrained_validation is None:  # nothing could be validated: ship the untrained optimizer
+        return
     budget = math.inf if cfg.budget_minutes is None else 60 * cfg.budget_minutes
     bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not (progress and lead),
                desc="meta-train", unit="it")
