@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from multiprocessing import Pool
 from typing import Any
 
 import torch
 
-from l3rs import L3RS, tasks
+from l3rs import tasks
+from l3rs.evaluate.methods import Method, make_optimizer
 from l3rs.finetune import finetune
 from l3rs.functional import Config
 from l3rs.io import machine
-
-
-def _cosine_adamw(lr: float) -> Any:
-    def make(named: Any, total: int) -> Any:
-        opt = torch.optim.AdamW([p for _, p in named if p.requires_grad], lr=lr)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
-    return make
-
-
-def _l3rs(lr: float, normalize: str, horizon: int) -> Any:
-    config = Config(normalize=normalize, reference_horizon=horizon)
-    return lambda named, total: L3RS([(n, p) for n, p in named if p.requires_grad], lr=lr, total_steps=total,
-                                     config=config)
 
 
 def _run(job: tuple[str, float, str, int, float]) -> dict[str, Any]:
@@ -43,7 +30,13 @@ def _run(job: tuple[str, float, str, int, float]) -> dict[str, Any]:
     task_name, multiple, method, seed, lr = job
     task = tasks.get(task_name)
     steps = round(task.horizon * multiple)
-    make = _cosine_adamw(lr) if method == "adamw-cosine" else _l3rs(lr, method.removeprefix("l3rs-"), task.horizon)
+    # the evaluation's own factories: AdamW-cosine as a baseline runs, the untrained L3RS as `l3rs-untrained`
+    if method == "adamw-cosine":
+        kind, config = Method(method, "adamw", cosine=True), Config()
+    else:
+        kind, config = Method(method, "untrained"), Config(normalize=method.removeprefix("l3rs-"),
+                                                           reference_horizon=task.horizon)
+    make = make_optimizer(kind, {"lr": lr}, task.head, config)
     result = finetune(task, make, steps, seed, eval_every=steps)
     return {"task": task_name, "multiple": multiple, "method": method, "lr": lr, "seed": seed,
             "val_loss": result.final_val_loss, "seconds": result.seconds}

@@ -281,10 +281,10 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
     updates: TensorList | None = None
     snr: Tensor | None = None  # normalize="snr": the Adam direction's RMS per tensor (Adam goes first)
     order = sorted(range(len(config.bases)), key=lambda p: config.normalize == "snr" and config.bases[p] != "adam")
+    names = tuple(config.bases[p] for p in order)
     deferred = []
-    for k, p in enumerate(order):
-        name = config.bases[p]
-        scratch.later = tuple(config.bases[q] for q in order[k + 1 :])
+    for k, (p, name) in enumerate(zip(order, names, strict=True)):
+        scratch.later = names[k + 1 :]
         d, factor = base_lib.scaled_direction(name, grads, moments, params, config.hyper, scratch)
         if any(id(t) in borrowed for t in d):
             deferred.append((p, d, factor))

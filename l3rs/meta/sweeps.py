@@ -86,7 +86,7 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
         a, b, c = (math.log(max(v, 1e-12)) for v in losses[best - 1:best + 2])
         if a - 2 * b + c > 0:  # b is the lowest: the vertex lies within half a step of it
             below = best + 0.5 * (a - c) / (a - 2 * b + c)
-    clear_gain = math.isfinite(losses[best]) and not losses[best] * (1 + LONG_SWEEP_MARGIN) >= losses[0]
+    clear_gain = math.isfinite(losses[best]) and losses[best] * (1 + LONG_SWEEP_MARGIN) < losses[0]
     exponent = below * math.log(ratio) / math.log(LONG_SWEEP) if clear_gain else 0.0
     return {"multiple": LONG_SWEEP, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent,
             "seconds": time.perf_counter() - start, "steps": spent}

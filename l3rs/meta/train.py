@@ -347,9 +347,9 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
     writer = _tensorboard(out) if lead else None
     if lead:
         _export(out, state, family, cfg, opt_config, horizon)
-    estimator, ctx = ESTIMATORS[cfg.estimator], Context(cfg, horizon, state.lr0, state.horizon_exponent)
     if state.untrained_validation is None:  # nothing could be validated: ship the untrained optimizer
         return
+    estimator, ctx = ESTIMATORS[cfg.estimator], Context(cfg, horizon, state.lr0, state.horizon_exponent)
     budget = math.inf if cfg.budget_minutes is None else 60 * cfg.budget_minutes
     bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not (progress and lead),
                desc="meta-train", unit="it")
