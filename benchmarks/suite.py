@@ -2,7 +2,7 @@
 protocol (tuned baselines on 2 tuning seeds, paired evaluation seeds, bootstrap intervals); prints JSON.
 
     python benchmarks/suite.py [--tasks all|name,...] [--budget-minutes 60] [--horizons auto|1,2] [--seeds 5]
-                               [--baselines auto|adamw,...|all] [--shifts rotated|auto|none] [--out runs/suite]
+                               [--baselines auto|adamw,...|all] [--shifts rotated|heldout] [--out runs/suite]
 
 Writes OUT/suite.md (one table: L3RS vs the best tuned baseline per task and scenario, with 95% intervals,
 plus the break-even count per task) and OUT/suite.png (the final-loss ratio and its interval per task and
@@ -138,13 +138,21 @@ def _list(text: str, every: list[str]) -> list[str]:
     return every if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
 
 
+def task_shifts(name: str, text: str, known: set[str]) -> list[str]:
+    """The shifts `text` asks of task `name`: "auto" every variant it has, "none", "a,b" those of a, b it has,
+    "a|b" the first of a, b it has (one shift per task, whichever kind it offers)."""
+    if text == "auto":
+        return [s.split(":", 1)[1] for s in sorted(known) if s.startswith(f"{name}:")]
+    if "|" in text:
+        return [s for s in (x.strip() for x in text.split("|")) if f"{name}:{s}" in known][:1]
+    return [s for s in _list(text, []) if text != "none" and f"{name}:{s}" in known]
+
+
 def plan_task(name: str, budget_s: float, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
     """(quickstart-style plan of task `name` within `budget_s`, or None when it cannot fit; its shifts)."""
     family = tasks.family(name)
     known = set(tasks.names())
-    wanted = {"auto": [s.split(":", 1)[1] for s in tasks.names() if s.startswith(f"{name}:")], "none": []}.get(
-        args.shifts, _list(args.shifts, []))
-    shifts = [s for s in wanted if f"{name}:{s}" in known]
+    shifts = task_shifts(name, args.shifts, known)
     timing = quickstart.measure(family.base)
     baselines = None if args.baselines == "auto" else _list(args.baselines, list(BASELINES))
     horizons = None if args.horizons == "auto" else [float(h) for h in args.horizons.split(",")]
@@ -160,7 +168,9 @@ def main() -> None:
     parser.add_argument("--horizons", default="auto", help="multiples of the horizon (default: planned)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--baselines", default="auto", help="comma-separated, 'all', or 'auto' (planned)")
-    parser.add_argument("--shifts", default="rotated", help="'auto', 'none' or comma-separated variants")
+    parser.add_argument("--shifts", default="rotated|heldout",
+                        help="'auto', 'none', comma-separated variants, or 'a|b': the first of these a task has "
+                             "(default rotated|heldout)")
     parser.add_argument("--out", default="runs/suite")
     args = parser.parse_args()
     torch.set_num_threads(1)  # single-threaded runs: their wall seconds are CPU seconds

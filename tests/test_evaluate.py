@@ -462,6 +462,14 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
 
 
 @pytest.mark.slow
+def test_suite_takes_the_first_shift_a_task_has_or_the_ones_listed(suite) -> None:
+    known = {"a", "a:rotated", "a:heldout", "b", "b:heldout", "c"}
+    assert [suite.task_shifts(t, "rotated|heldout", known) for t in "abc"] == [["rotated"], ["heldout"], []]
+    assert suite.task_shifts("a", "heldout,rotated", known) == ["heldout", "rotated"]
+    assert suite.task_shifts("a", "auto", known) == ["heldout", "rotated"]
+    assert suite.task_shifts("a", "none", known) == []
+
+
 def test_suite_smoke_run_on_a_tiny_task(suite, tiny: str, tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run([sys.executable, suite.__file__, "--tasks", tiny, "--budget-minutes", "1.5",

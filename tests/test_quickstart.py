@@ -47,6 +47,24 @@ def test_estimate_counts_tuning_seeds_validation_passes_and_workers():
     assert pool_and_report == pytest.approx(qs.evaluation_seconds(tier, 60, 2, FAST, 2, False) + 2 * 3.0)
 
 
+def test_timing_is_measured_single_threaded_like_the_worker_processes(tiny: str):
+    import torch
+
+    from l3rs import tasks
+
+    task, seen = tasks.get(tiny), []
+    model_fn = task.model_fn
+    task.model_fn = lambda seed: seen.append(torch.get_num_threads()) or model_fn(seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        timing = qs.measure(task, steps=2)
+        assert seen == [1] and torch.get_num_threads() == 2  # measured alone, then restored
+    finally:
+        torch.set_num_threads(before)
+    assert timing.step > 0 and timing.validation > 0
+
+
 @pytest.mark.parametrize("budget", ["0", "-1", "nan"])
 def test_non_positive_budget_is_refused_in_one_line(budget: str, tmp_path, capsys):
     assert main(["quickstart", "--budget-minutes", budget, "--out", str(tmp_path / "q")]) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 from l3rs.errors import UsageError
 from l3rs.evaluate.methods import BASELINES
 from l3rs.evaluate.protocol import SHIFT_SCENARIOS, evaluate
-from l3rs.results import load
+from l3rs.evaluate.reuse import PreviousEvaluationError
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -61,30 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _check_previous(path: str) -> None:
-    """A one-line error, before any run, for a --baselines-from file that is missing or not readable."""
-    if not Path(path).is_file():
-        raise UsageError(f"--baselines-from {path}: no such file (a previous evaluation.json)")
-    try:
-        load(path)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-        raise UsageError(f"--baselines-from {path}: not a readable evaluation.json ({e})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
         raise UsageError(f"--budget-minutes must be > 0, got {args.budget_minutes:g}")
-    if args.baselines_from is not None:
-        _check_previous(args.baselines_from)
     listed = [s.strip() for s in args.shifts.split(",") if s.strip()]
     shifts = {"auto": None, "none": []}.get(args.shifts, listed)
-    result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
-                      seeds=args.seeds, baselines=_names(args.baselines, list(BASELINES), "baseline(s)"),
-                      ablations=args.ablations, shifts=shifts, progress=not args.no_progress,
-                      budget_minutes=args.budget_minutes, device=args.device, workers=max(1, args.workers),
-                      baselines_from=args.baselines_from)
+    try:
+        result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
+                          seeds=args.seeds, baselines=_names(args.baselines, list(BASELINES), "baseline(s)"),
+                          ablations=args.ablations, shifts=shifts, progress=not args.no_progress,
+                          budget_minutes=args.budget_minutes, device=args.device, workers=max(1, args.workers),
+                          baselines_from=args.baselines_from)
+    except PreviousEvaluationError as e:  # read before any run: a one-line error, nothing written
+        raise UsageError(f"--baselines-from {e}") from None
     out = Path(args.out)
     reused = f", {len(result.settings.reused)} scenario baselines reused" if args.baselines_from else ""
     print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'evaluation.json'} "

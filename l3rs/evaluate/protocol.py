@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
-from l3rs.evaluate.reuse import reusable
+from l3rs.evaluate.reuse import read_previous, reusable
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -41,7 +41,6 @@ from l3rs.results import (
     Settings,
     aligned,
     base_horizon,
-    load,
     save,
 )
 
@@ -164,7 +163,7 @@ def evaluate(
     if seeds < 1 or not horizons or any(m <= 0 for m in horizons):
         raise ValueError(f"need seeds >= 1 and positive horizon multiples, got {seeds=}, {horizons=}")
     names = _check_names(baselines)
-    previous = None if baselines_from is None else load(baselines_from)  # a bad file fails before any run
+    previous = None if baselines_from is None else read_previous(baselines_from)  # a bad file fails before any run
     saved = load_meta(optimizer_dir)
     info, config = saved["info"], saved["config"]
     plan = scenarios(task_or_spec, horizons, shifts)

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 from l3rs.evaluate.methods import Method
 from l3rs.evaluate.runs import validation_interval
 from l3rs.evaluate.stats import eval_grid
 from l3rs.finetune import RunResult
-from l3rs.results import EvaluationResult, MethodResult, Settings, Trial
+from l3rs.results import EvaluationResult, MethodResult, Settings, Trial, load
+
+
+class PreviousEvaluationError(ValueError):
+    """`baselines_from` names no file, or one that is not an evaluation.json this version reads."""
+
+
+def read_previous(path: str | os.PathLike) -> EvaluationResult:
+    """The previous evaluation whose baselines may be reused, or a PreviousEvaluationError saying why not."""
+    if not Path(path).is_file():
+        raise PreviousEvaluationError(f"{path}: no such file (a previous evaluation.json)")
+    try:
+        return load(path)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise PreviousEvaluationError(f"{path}: not a readable evaluation.json ({e})") from None
 
 
 def same_protocol(old: Settings, new: Settings, method: Method) -> bool:
