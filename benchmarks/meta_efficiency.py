@@ -22,7 +22,7 @@ from l3rs.meta import MetaConfig, train, tune_lr0
 from l3rs.meta.unroll import single_thread
 
 TASK = "mnistcnn-digits"
-SETTINGS = {"es": {"meta_lr": 0.03}, "pes": {"meta_lr": 0.03}, "bptt": {}}  # bptt: its defaults (first order)
+SETTINGS = {"es": {"meta_lr": 0.03}, "pes": {"meta_lr": 0.03}, "bptt": {}}  # bptt: first order, meta_lr 0.01
 
 
 def cpu_seconds() -> float:

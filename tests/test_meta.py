@@ -188,17 +188,6 @@ def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator
     assert lrs["stiff.weight"] < lrs["slow.weight"]
 
 
-def test_meta_lr_defaults_per_estimator_and_a_given_one_is_kept():
-    from l3rs.meta.config import DEFAULT_META_LR
-
-    assert [MetaConfig(estimator=e).meta_lr for e in ("bptt", "es", "pes")] == [DEFAULT_META_LR[e] for e in
-                                                                               ("bptt", "es", "pes")]
-    assert MetaConfig(estimator="es", meta_lr=0.2).meta_lr == 0.2
-    assert MetaConfig().to_dict()["meta_lr"] == DEFAULT_META_LR["bptt"]  # saved as a number: resume compares it
-    with pytest.raises(ValueError, match="meta_lr"):
-        MetaConfig(meta_lr=0.0)
-
-
 def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
     cfg = small(lr0=None, lr0_grid=(1e-4, 0.03, 10.0), iterations=1)  # too small, fine, diverging
     assert tune_lr0(stiff_task(), cfg) == 0.03
@@ -277,7 +266,7 @@ def _digits_config(**kw) -> MetaConfig:
     base = dict(estimator="bptt", horizon=30, truncation=10, iterations=10,
                 tasks_per_iteration=2, lr0=None, lr0_grid=(1e-3, 3e-3), lr0_seeds=1, validate_every=3,
                 validation_seeds=1, val_subset=256, horizon_range=(1.0, 1.0), validation_horizons=(1.0,),
-                horizon_exponent=0.0, meta_lr=0.01)  # every run has the horizon's length: α would change nothing
+                horizon_exponent=0.0)  # every run has the horizon's length: α would change nothing
     return MetaConfig(**{**base, **kw})
 
 

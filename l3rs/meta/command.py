@@ -8,7 +8,7 @@ import os
 
 from l3rs.errors import UsageError
 from l3rs.functional import NORMALIZATIONS, SCHEDULES, STEP_BUDGETS, Config
-from l3rs.meta.config import DEFAULT_META_LR, ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, MetaConfig
+from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, MetaConfig
 
 DEFAULT_BUDGET_MINUTES = 5.0
 MIN_BUDGET_MINUTES = 1.0  # below this the λ0 sweep and the first validation would not fit
@@ -35,9 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="meta-iterations (default: until the budget)")
     parser.add_argument("--population", type=int, default=d.population, help="antithetic pairs per iteration")
     parser.add_argument("--sigma", type=float, default=d.sigma, help="ES perturbation scale")
-    parser.add_argument("--meta-lr", type=float, default=None,
-                        help="Adam step size on the meta-parameters (default: "
-                             + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_META_LR.items()) + ")")
+    parser.add_argument("--meta-lr", type=float, default=d.meta_lr,
+                        help="Adam step size on the meta-parameters")
     parser.add_argument("--truncation", type=int, default=d.truncation,
                         help="unroll length per iteration (pes, bptt)")
     parser.add_argument("--horizon-range", default=",".join(f"{v:g}" for v in d.horizon_range),

@@ -11,10 +11,6 @@ from l3rs.functional import Config
 ESTIMATOR_NAMES = ("es", "pes", "bptt")
 OBJECTIVES = ("val_loss", "train_loss", "val_metric")
 HORIZON_DRAWS = ("equal-steps", "log-uniform")
-# Adam's step on the meta-parameters when none is given. bptt: at 0.01 cnn04's first meta-trained checkpoint
-# beat the untrained optimizer at iteration 5 and was worse than it by iteration 20 (overshoot); at 0.003 every
-# checkpoint up to iteration 21 beat it, the best by twice as much (docs/RESULTS.md, session 12)
-DEFAULT_META_LR = {"bptt": 0.003, "es": 0.01, "pes": 0.01}
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ class MetaConfig:
     budget_minutes: float | None = None
     population: int = 8
     sigma: float = 0.05
-    meta_lr: float | None = None  # None: DEFAULT_META_LR of the estimator
+    meta_lr: float = 0.01
     clip: float = 1.0  # global-norm clip of the meta-gradient before Adam
     truncation: int = 25
     horizon_range: tuple[float, float] = (0.5, 8.0)
@@ -85,8 +81,6 @@ class MetaConfig:
                      "validation_seeds", "lr0_seeds", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.meta_lr is None:
-            object.__setattr__(self, "meta_lr", DEFAULT_META_LR[self.estimator])
         for name in ("sigma", "meta_lr", "clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
