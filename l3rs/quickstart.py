@@ -33,6 +33,7 @@ from l3rs.evaluate import BASELINES as ALL_BASELINES
 from l3rs.evaluate import Method, evaluate
 from l3rs.evaluate.runs import MIN_EVAL_POINTS
 from l3rs.evaluate.tuning import planned_runs
+from l3rs.meta.unroll import single_thread
 from l3rs.report.tables import plus_minus, vs_best_text
 from l3rs.results import EvaluationResult, Stat, VsBest
 
@@ -103,12 +104,8 @@ def measure(task: Any, steps: int = 15) -> Timing:
     """Median wall time of a fine-tuning step and of a validation pass, single-threaded as the worker
     processes run them, and a process start, to size the stages (measured with all threads, a digits step
     took 18 ms instead of the workers' 32: the quickstart's evaluation took twice its estimate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return _measure(task, steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _measure(task: Any, steps: int) -> Timing:
