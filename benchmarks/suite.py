@@ -6,11 +6,15 @@ protocol (tuned baselines on 2 tuning seeds, paired evaluation seeds, bootstrap 
 
 Writes OUT/suite.md (one table: L3RS vs the best tuned baseline per task and scenario, with 95% intervals,
 plus the break-even count per task) and OUT/suite.png (the final-loss ratio and its interval per task and
-scenario). `--budget-minutes` is the whole suite's: each task gets an equal share of what is left when it
-starts, planned like `l3rs quickstart` plans its budget (step and validation times measured first; the
-largest evaluation tier — horizons, baselines, shift — that leaves meta-training its minimum and 30% of the
-share; meta-training gets the rest). --horizons/--baselines override the tiers'; a task whose smallest tier
-does not fit is skipped and said so. The JSON says what each stage was planned to take and took.
+scenario). `--budget-minutes` is the whole suite's. Every task's step and validation times are measured
+first, giving its smallest run (the quickstart's smallest evaluation tier plus meta-training's minimum);
+the tasks whose smallest runs fit the budget together (cheapest first) run, the others are skipped and said
+so. When a task starts it gets its smallest run plus an equal part of what the remaining tasks' smallest
+runs leave of the budget, and plans it like `l3rs quickstart` plans its budget (the largest evaluation tier
+— horizons, baselines, shift — that leaves meta-training its minimum and 30% of the share; meta-training
+gets the rest), so a slow task (effnet-mnist needs ~28 minutes on 2 cores) is not crowded out by an equal
+split. --horizons/--baselines override the tiers'. The JSON says what each stage was planned to take and
+took.
 
 Break-even: after how many fine-tuning jobs meta-training once + one L3RS run per job costs less CPU time
 than, per job, sweeping the best baseline's LR (its tuning runs at 1x) + one run at the chosen LR.
@@ -30,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -148,17 +152,72 @@ def task_shifts(name: str, text: str, known: set[str]) -> list[str]:
     return [s for s in _list(text, []) if text != "none" and f"{name}:{s}" in known]
 
 
-def plan_task(name: str, budget_s: float, args: argparse.Namespace) -> tuple[dict[str, Any] | None, list[str]]:
-    """(quickstart-style plan of task `name` within `budget_s`, or None when it cannot fit; its shifts)."""
-    family = tasks.family(name)
-    known = set(tasks.names())
-    shifts = task_shifts(name, args.shifts, known)
-    timing = quickstart.measure(family.base)
-    baselines = None if args.baselines == "auto" else _list(args.baselines, list(BASELINES))
-    horizons = None if args.horizons == "auto" else [float(h) for h in args.horizons.split(",")]
-    stages = quickstart.plan(family.base.horizon, budget_s, args.seeds, timing, WORKERS, bool(shifts),
-                             baselines, horizons)
-    return stages, shifts if stages and stages["shift"] else []
+class Need(NamedTuple):
+    """What a task's runs cost on this machine, measured before anything runs."""
+
+    timing: quickstart.Timing
+    shifts: list[str]
+    smallest_seconds: float  # its smallest evaluation tier plus meta-training's minimum
+
+
+def measure_needs(names: list[str], args: argparse.Namespace) -> dict[str, Need]:
+    known, out = set(tasks.names()), {}
+    for name in names:
+        base = tasks.family(name).base
+        shifts, timing = task_shifts(name, args.shifts, known), quickstart.measure(base)
+        out[name] = Need(timing, shifts, quickstart.smallest_seconds(
+            base.horizon, args.seeds, timing, WORKERS, bool(shifts), _baselines(args), _horizons(args)))
+    return out
+
+
+def affordable(smallest: dict[str, float], budget_s: float) -> list[str]:
+    """The tasks whose smallest runs fit the budget together, cheapest first (in the given order)."""
+    kept, total = set(), 0.0
+    for name in sorted(smallest, key=smallest.__getitem__):
+        if total + smallest[name] <= budget_s:
+            kept.add(name)
+            total += smallest[name]
+    return [name for name in smallest if name in kept]
+
+
+def share_of(name: str, left_s: float, remaining: list[str], smallest: dict[str, float]) -> float:
+    """A task's share of what is left: its smallest run plus an equal part of what the smallest runs of the
+    remaining tasks (itself included) leave over, so an expensive task does not crowd out the others."""
+    return smallest[name] + max(0.0, left_s - sum(smallest[n] for n in remaining)) / len(remaining)
+
+
+def plan_task(name: str, need: Need, budget_s: float, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Quickstart-style plan of task `name` within `budget_s`, or None when it cannot fit."""
+    return quickstart.plan(tasks.family(name).base.horizon, budget_s, args.seeds, need.timing, WORKERS,
+                           bool(need.shifts), _baselines(args), _horizons(args))
+
+
+def _baselines(args: argparse.Namespace) -> list[str] | None:
+    return None if args.baselines == "auto" else _list(args.baselines, list(BASELINES))
+
+
+def _horizons(args: argparse.Namespace) -> list[float] | None:
+    return None if args.horizons == "auto" else [float(h) for h in args.horizons.split(",")]
+
+
+def run_task(name: str, need: Need, share: float, args: argparse.Namespace,
+             out: Path) -> tuple[dict[str, Any], EvaluationResult | None, float]:
+    """Meta-train and evaluate one task within `share` seconds: (its stage record, result, meta CPU s)."""
+    t0 = time.perf_counter()
+    stage: dict[str, Any] = {"task": name, "budget_seconds": share, "smallest_seconds": need.smallest_seconds}
+    planned = plan_task(name, need, share, args)
+    if planned is None:  # the tasks before it overran their shares
+        print(f"suite: {name} skipped: its share ({share / 60:.1f} min) is below its smallest run", file=sys.stderr)
+        return {**stage, "skipped": "the tasks before it left less than its smallest run"}, None, 0.0
+    minutes = max(MIN_BUDGET_MINUTES, planned["meta_seconds"] / 60)  # the CLI's smallest budget
+    best, meta_cpu = meta_train(name, out / "meta", minutes)
+    t1 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate(best, name, out / "eval", horizons=planned["horizons"], seeds=planned["seeds"],
+                          baselines=planned["baselines"], shifts=need.shifts if planned["shift"] else [],
+                          progress=False, workers=WORKERS)
+    return {**stage, "plan": planned, "meta_train_seconds": t1 - t0, "evaluate_seconds": time.perf_counter() - t1,
+            "seconds": time.perf_counter() - t0}, result, meta_cpu
 
 
 def main() -> None:
@@ -176,26 +235,21 @@ def main() -> None:
     torch.set_num_threads(1)  # single-threaded runs: their wall seconds are CPU seconds
     names = _list(args.tasks, [n for n in tasks.names() if ":" not in n])
     out, start, rows, costs, stages = Path(args.out), time.perf_counter(), [], [], []
-    for index, name in enumerate(names):
-        t0 = time.perf_counter()
-        share = (60 * args.budget_minutes - (t0 - start)) / (len(names) - index)
-        planned, shifts = plan_task(name, share, args)
-        if planned is None:
-            stages.append({"task": name, "budget_seconds": share, "skipped": "its smallest evaluation and "
-                           "meta-training do not fit its share of the budget"})
-            print(f"suite: {name} skipped: its share ({share / 60:.1f} min) is below its smallest run",
-                  file=sys.stderr)
-            continue
-        minutes = max(MIN_BUDGET_MINUTES, planned["meta_seconds"] / 60)  # the CLI's smallest budget
-        best, meta_cpu = meta_train(name, out / name / "meta", minutes)
-        t1 = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):
-            result = evaluate(best, name, out / name / "eval", horizons=planned["horizons"], seeds=planned["seeds"],
-                              baselines=planned["baselines"], shifts=shifts, progress=False, workers=WORKERS)
-        rows += rows_of(name, result)
-        costs.append(cost_of(name, result, meta_cpu))
-        stages.append({"task": name, "budget_seconds": share, "plan": planned, "meta_train_seconds": t1 - t0,
-                       "evaluate_seconds": time.perf_counter() - t1, "seconds": time.perf_counter() - t0})
+    needs = measure_needs(names, args)
+    smallest = {name: need.smallest_seconds for name, need in needs.items()}
+    kept = affordable(smallest, 60 * args.budget_minutes - (time.perf_counter() - start))
+    for name in names:
+        if name not in kept:
+            stages.append({"task": name, "smallest_seconds": smallest[name], "skipped": "its smallest run does not "
+                           "fit the budget together with the cheaper tasks' smallest runs"})
+            print(f"suite: {name} skipped: its smallest run needs {smallest[name] / 60:.1f} min", file=sys.stderr)
+    for index, name in enumerate(kept):
+        share = share_of(name, 60 * args.budget_minutes - (time.perf_counter() - start), kept[index:], smallest)
+        stage, result, meta_cpu = run_task(name, needs[name], share, args, out / name)
+        stages.append(stage)
+        if result is not None:
+            rows += rows_of(name, result)
+            costs.append(cost_of(name, result, meta_cpu))
     table = out / "suite.md"
     out.mkdir(parents=True, exist_ok=True)
     skipped = [s["task"] for s in stages if "skipped" in s]

@@ -169,10 +169,13 @@ def plan(horizon: int, budget_s: float, seeds: int | None, timing: Timing, worke
     return None
 
 
-def smallest_seconds(horizon: int, seeds: int | None, timing: Timing, workers: int, has_shift: bool) -> float:
-    """The budget of the smallest tier (besides preparing)."""
-    tier = TIERS[0]
-    return (evaluation_seconds(tier, horizon, seeds or tier.seeds, timing, workers, has_shift)
+def smallest_seconds(horizon: int, seeds: int | None, timing: Timing, workers: int, has_shift: bool,
+                     baselines: Sequence[str] | None = None, horizons: Sequence[float] | None = None) -> float:
+    """The budget of the smallest tier (besides preparing); `seeds`, `baselines`, `horizons` as in `plan`."""
+    base = TIERS[0]
+    tier = Tier(tuple(horizons or base.horizons), seeds or base.seeds, tuple(baselines or base.baselines),
+                base.shift)
+    return (evaluation_seconds(tier, horizon, tier.seeds, timing, workers, has_shift)
             + min_meta_seconds(horizon, timing))
 
 

@@ -461,6 +461,18 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
     assert previous(str(tmp_path / "docs"), "tiny") == copy
 
 
+def test_suite_gives_a_slow_task_its_smallest_run_and_splits_the_rest_evenly(suite) -> None:
+    smallest = {"fast": 100.0, "slow": 1700.0, "mid": 300.0, "huge": 5000.0}
+    kept = suite.affordable(smallest, 3600.0)  # huge does not fit beside the others; order is kept
+    assert kept == ["fast", "slow", "mid"]
+    left, shares = 3600.0, []
+    for i, name in enumerate(kept):  # each task takes exactly its share
+        shares.append(suite.share_of(name, left, kept[i:], smallest))
+        left -= shares[-1]
+    assert shares == pytest.approx([100 + 500, 1700 + 500, 300 + 500]) and left == pytest.approx(0)
+    assert suite.share_of("mid", 100.0, ["mid"], smallest) == 300.0  # overrun before: still its smallest run
+
+
 @pytest.mark.slow
 def test_suite_takes_the_first_shift_a_task_has_or_the_ones_listed(suite) -> None:
     known = {"a", "a:rotated", "a:heldout", "b", "b:heldout", "c"}
