@@ -158,6 +158,7 @@ def task_shifts(name: str, text: str, known: set[str]) -> list[str]:
 class Need(NamedTuple):
     """What a task's runs cost on this machine, measured before anything runs."""
 
+    horizon: int  # fine-tuning steps of its base task
     timing: quickstart.Timing
     shifts: list[str]
     smallest_seconds: float  # its smallest evaluation tier plus meta-training's minimum
@@ -168,7 +169,7 @@ def measure_needs(names: list[str], args: argparse.Namespace) -> dict[str, Need]
     for name in names:
         base = tasks.family(name).base
         shifts, timing = task_shifts(name, args.shifts, known), quickstart.measure(base)
-        out[name] = Need(timing, shifts, quickstart.smallest_seconds(
+        out[name] = Need(base.horizon, timing, shifts, quickstart.smallest_seconds(
             base.horizon, args.seeds, timing, WORKERS, bool(shifts), _baselines(args), _horizons(args)))
     return out
 
@@ -189,9 +190,9 @@ def share_of(name: str, left_s: float, remaining: list[str], smallest: dict[str,
     return smallest[name] + max(0.0, left_s - sum(smallest[n] for n in remaining)) / len(remaining)
 
 
-def plan_task(name: str, need: Need, budget_s: float, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Quickstart-style plan of task `name` within `budget_s`, or None when it cannot fit."""
-    return quickstart.plan(tasks.family(name).base.horizon, budget_s, args.seeds, need.timing, WORKERS,
+def plan_task(need: Need, budget_s: float, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Quickstart-style plan of a task within `budget_s`, or None when it cannot fit."""
+    return quickstart.plan(need.horizon, budget_s, args.seeds, need.timing, WORKERS,
                            bool(need.shifts), _baselines(args), _horizons(args))
 
 
@@ -208,7 +209,7 @@ def run_task(name: str, need: Need, share: float, args: argparse.Namespace,
     """Meta-train and evaluate one task within `share` seconds: (its stage record, result, meta CPU s)."""
     t0 = time.perf_counter()
     stage: dict[str, Any] = {"task": name, "budget_seconds": share, "smallest_seconds": need.smallest_seconds}
-    planned = plan_task(name, need, share, args)
+    planned = plan_task(need, share, args)
     if planned is None:  # the tasks before it overran their shares
         print(f"suite: {name} skipped: its share ({share / 60:.1f} min) is below its smallest run", file=sys.stderr)
         return {**stage, "skipped": "the tasks before it left less than its smallest run"}, None, 0.0

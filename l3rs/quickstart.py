@@ -149,6 +149,13 @@ def min_meta_seconds(horizon: int, timing: Timing) -> float:
     return max(META_MIN_SECONDS, META_MIN_UNROLLS * horizon * timing.step)
 
 
+def _overridden(tier: Tier, seeds: int | None, baselines: Sequence[str] | None,
+                horizons: Sequence[float] | None) -> Tier:
+    """`tier` with the seeds, baselines and horizons a caller fixed."""
+    return Tier(tuple(horizons or tier.horizons), seeds or tier.seeds, tuple(baselines or tier.baselines),
+                tier.shift)
+
+
 def plan(horizon: int, budget_s: float, seeds: int | None, timing: Timing, workers: int,
          has_shift: bool, baselines: Sequence[str] | None = None,
          horizons: Sequence[float] | None = None) -> dict[str, Any] | None:
@@ -156,9 +163,7 @@ def plan(horizon: int, budget_s: float, seeds: int | None, timing: Timing, worke
     `budget_s`. None when not even the smallest tier fits. `seeds`, `baselines` and `horizons` override the
     tiers' own."""
     for index in reversed(range(len(TIERS))):
-        base = TIERS[index]
-        tier = Tier(tuple(horizons or base.horizons), seeds or base.seeds, tuple(baselines or base.baselines),
-                    base.shift)
+        tier = _overridden(TIERS[index], seeds, baselines, horizons)
         eval_s = evaluation_seconds(tier, horizon, tier.seeds, timing, workers, has_shift)
         meta_s = budget_s - eval_s
         if meta_s >= min_meta_seconds(horizon, timing) and (index == 0 or meta_s >= META_MIN_SHARE * budget_s):
@@ -172,9 +177,7 @@ def plan(horizon: int, budget_s: float, seeds: int | None, timing: Timing, worke
 def smallest_seconds(horizon: int, seeds: int | None, timing: Timing, workers: int, has_shift: bool,
                      baselines: Sequence[str] | None = None, horizons: Sequence[float] | None = None) -> float:
     """The budget of the smallest tier (besides preparing); `seeds`, `baselines`, `horizons` as in `plan`."""
-    base = TIERS[0]
-    tier = Tier(tuple(horizons or base.horizons), seeds or base.seeds, tuple(baselines or base.baselines),
-                base.shift)
+    tier = _overridden(TIERS[0], seeds, baselines, horizons)
     return (evaluation_seconds(tier, horizon, tier.seeds, timing, workers, has_shift)
             + min_meta_seconds(horizon, timing))
 
