@@ -26,7 +26,7 @@ from l3rs.finetune import finetune
 from l3rs.meta import MetaConfig, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
 from l3rs.meta.sweeps import horizon_exponent_fit, lr0_sweep
-from l3rs.meta.unroll import Result, single_thread
+from l3rs.meta.unroll import Result, linearized_grad, single_thread
 from l3rs.tasks import Task, TaskFamily
 
 TESTS = Path(__file__).parent
@@ -159,6 +159,32 @@ def test_bptt_meta_gradient_matches_finite_differences():
     assert float(numeric) == pytest.approx(float(grad.norm()), rel=2e-3)
 
 
+def test_linearized_whole_run_gradient_equals_first_order_backprop_through_the_run():
+    # truncation 0 (whole runs) replays the run instead of holding its graph: same gradient, O(1) memory
+    task, config = stiff_task(), functional.Config(normalize="snr")
+    gen = torch.Generator().manual_seed(0)
+    meta = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in config.init_meta(2, seed=2).items()}
+    vector = mixer.flatten(meta).requires_grad_(True)
+    value, _ = unroll(task, mixer.unflatten(vector, meta), 0.02, 10, seed=1, config=config, horizon=10,
+                      graph="first")
+    expected = torch.autograd.grad(value.log(), vector)[0]
+    got_value, got_log, _, grads = linearized_grad(task, meta, 0.02, 1, 10, config=config, objective="val_loss",
+                                                   transform=torch.log, val_subset=None, device=None)
+    value = float(value.detach())
+    assert float(got_value) == value and float(got_log) == pytest.approx(math.log(value))
+    assert float(expected.norm()) > 0
+    torch.testing.assert_close(mixer.flatten(grads), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"truncation": -1}, "truncation must be an int >= 0"),
+    ({"truncation": 0, "objective": "train_loss"}, "final objective"),
+])
+def test_meta_config_refuses_truncations_it_cannot_run(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MetaConfig(**kwargs)
+
+
 def test_centered_ranks_give_non_finite_members_the_worst_rank():
     ranks = centered_ranks(torch.tensor([1.0, math.nan, 0.5, math.inf, 2.0]))
     assert ranks.tolist() == [-0.25, 0.375, -0.5, 0.375, 0.0]  # non-finite: tied for worst
@@ -170,6 +196,7 @@ def test_centered_ranks_give_non_finite_members_the_worst_rank():
     ("es", dict(iterations=20, population=8, meta_lr=0.03, lr0=None, lr0_grid=(0.003, 0.01, 0.03, 0.1))),
     ("pes", dict(iterations=30, population=8, meta_lr=0.03)),
     ("bptt", dict(iterations=30, meta_lr=0.03, first_order=False)),  # the exact (second-order) gradient
+    ("bptt", dict(iterations=30, meta_lr=0.03, truncation=0)),  # whole runs, linearized (first order)
 ])
 def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator, settings):
     # free step sizes: at λ0 = 0.03 the stiff tensor diverges, and a shared budget could lift the slow one by

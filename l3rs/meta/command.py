@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--meta-lr", type=float, default=d.meta_lr,
                         help="Adam step size on the meta-parameters")
     parser.add_argument("--truncation", type=int, default=d.truncation,
-                        help="unroll length per iteration (pes, bptt)")
+                        help="unroll length per iteration (pes, bptt); 0: whole runs (bptt: the first-order "
+                             "gradient of each run's final objective, replayed in O(1) memory)")
     parser.add_argument("--horizon-range", default=",".join(f"{v:g}" for v in d.horizon_range),
                         help="each run's length is drawn over LO,HI times the horizon (see --horizon-draw) and told "
                              "to the optimizer (1,1: always the horizon)")

@@ -19,7 +19,8 @@ class MetaConfig:
 
     population: antithetic pairs per iteration (es, pes); bptt runs `tasks_per_iteration` unrolls.
     truncation: unroll length per iteration for pes and bptt (each run is split into truncations;
-        their objective averages the per-truncation objectives, i.e. the area under the curve).
+        their objective averages the per-truncation objectives, i.e. the area under the curve). 0: whole
+        runs, each scored by its final objective (bptt, first order: `unroll.linearized_grad`, O(1) memory).
     horizon_range: each fine-tuning run's length T is drawn over this range times the horizon, and the
         optimizer is told T ((1, 1): always the horizon).
     horizon_draw: "equal-steps" (density ∝ 1/T²: every octave of lengths gets the same share of unrolled
@@ -75,9 +76,14 @@ class MetaConfig:
             raise ValueError(f"horizon_draw must be one of {HORIZON_DRAWS}, got {self.horizon_draw!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.truncation == 0 and self.estimator == "bptt" and self.objective == "train_loss":
+            raise ValueError("truncation 0 (whole runs) differentiates the run's final objective: use objective "
+                             "'val_loss' with estimator 'bptt'")
         if self.objective == "val_metric" and self.estimator == "bptt":
             raise ValueError("objective 'val_metric' is not differentiable: use estimator 'es' or 'pes'")
-        for name in ("iterations", "population", "truncation", "tasks_per_iteration", "validate_every",
+        if not isinstance(self.truncation, int) or self.truncation < 0:
+            raise ValueError(f"truncation must be an int >= 0 (0: whole runs), got {self.truncation!r}")
+        for name in ("iterations", "population", "tasks_per_iteration", "validate_every",
                      "validation_seeds", "lr0_seeds", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")

@@ -154,7 +154,7 @@ def _advance(ctx: Context, name: str, particles: Particles, slot: int, members: 
     cfg = ctx.cfg
     return Slot(seed_of(cfg.seed, f"{name}-task", slot, run_index), seed_of(cfg.seed, f"{name}-run", slot, run_index),
                 horizon, done,
-                min(cfg.truncation, horizon - done))
+                horizon - done if cfg.truncation == 0 else min(cfg.truncation, horizon - done))
 
 
 def _fresh(members: int, slots: int, noise: Tensor | None = None) -> Particles:
@@ -212,7 +212,8 @@ def bptt(ctx: Context, vector: Tensor, iteration: int, particles: Particles | No
     slots = [_advance(ctx, "bptt", particles, i, (i,)) for i in range(count)]
     jobs = [Job(slot.task_seed, slot.run_seed, vector, ctx.lr0, slot.steps, slot.horizon, cfg.objective,
                 particles.states[i], grad=True, keep=True, weight=end_weight(cfg, slot.done + slot.steps, slot.horizon),
-                log=_log_objective(cfg), horizon_exponent=ctx.horizon_exponent) for i, slot in enumerate(slots)]
+                log=_log_objective(cfg), horizon_exponent=ctx.horizon_exponent,
+                linearized=cfg.truncation == 0 and cfg.first_order) for i, slot in enumerate(slots)]
     results = run(jobs)
     grads = []
     for i, r in enumerate(results):

@@ -69,6 +69,7 @@ def unroll(
     objective: str = "val_loss",
     particle: Particle | None = None,
     graph: str | None = None,
+    cotangent: list[Tensor] | None = None,
     val_subset: int | None = 512,
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Particle]:
@@ -77,9 +78,13 @@ def unroll(
     Returns (meta-objective, particle at the end). The objective is the mean training loss of these
     steps, the validation loss at the end, or the validation error 1 − metric ("val_metric"); it is
     +inf once the training loss is non-finite (the unroll stops there). `graph` is None (no meta-graph),
-    "first" (model gradients treated as constants) or "second" (exact); with a graph the objective is
-    differentiable w.r.t. `meta`. Batches are `task.batch_indices(seed, horizon)[start:start + steps]`
-    where start is the particle's step, so truncated unrolls replay exactly the full unroll's data.
+    "first" (model gradients treated as constants), "second" (exact) or "step" (each step differentiable
+    on its own, cut between steps: O(1) memory); with "first"/"second" the objective is differentiable
+    w.r.t. `meta`. With "step" the returned particle's params are the leaves the objective depends on, and a
+    `cotangent` (one tensor per parameter) is backpropagated through every step's update into `meta`'s
+    .grad: Σ_t <cotangent, ∂u_t/∂meta> (`linearized_grad`). Batches are
+    `task.batch_indices(seed, horizon)[start:start + steps]` where start is the particle's step, so
+    truncated unrolls replay exactly the full unroll's data.
     """
     config = config or Config()
     model = task.model_fn(seed)
@@ -97,7 +102,7 @@ def unroll(
     horizon = horizon or start + steps
     x_train, y_train = task.train[0].to(dev), task.train[1].to(dev)
     torch.manual_seed(seed_of(seed, start))  # dropout and other in-model randomness replay too
-    retain = graph == "second" or (graph is not None and objective == "train_loss")
+    retain = graph == "second" or (graph in ("first", "second") and objective == "train_loss")
     losses = []
     model.train()
     for idx in task.batch_indices(seed, horizon)[start:start + steps].to(dev):
@@ -109,13 +114,43 @@ def unroll(
         with torch.set_grad_enabled(graph is not None):
             updates, state, _ = functional.update(config, meta, grads, state, plist, lr=lr0,
                                                   loss=loss.detach(), total_steps=horizon)
+            if cotangent is not None:
+                torch.autograd.backward(updates, cotangent)
             plist = functional.apply_updates(plist, updates)
         if graph is None:
             plist = [p.requires_grad_(True) for p in plist]
-        losses.append(loss)
+        elif graph == "step":
+            plist = [p.detach().requires_grad_(True) for p in plist]
+        losses.append(loss.detach() if graph == "step" else loss)
     current = dict(zip(names, plist, strict=True))
     value = _objective(task, call, current, buffers, model, objective, losses, val_subset, graph)
+    if graph == "step":  # the caller differentiates the objective w.r.t. these very leaves (state has no graph)
+        return value, Particle(current, buffers, state)
     return value, _map(Tensor.detach, Particle(current, buffers, state))
+
+
+def linearized_grad(task: Task, meta: mixer.Meta, lr0: float, seed: int, horizon: int, *, config: Config,
+                    objective: str, transform: Callable[[Tensor], Tensor], val_subset: int | None,
+                    device: torch.device | str | None) -> tuple[Tensor, Tensor, Particle, mixer.Meta | None]:
+    """A whole run's first-order meta-gradient in O(1) memory: (objective, transformed objective, particle
+    at the end, d transformed / d meta or None when the run diverged).
+
+    With the model's gradients held constant (first order), θ_T = θ_0 + Σ_t u_t(meta) and
+    d L(θ_T)/d meta = Σ_t <∇L(θ_T), ∂u_t/∂meta>: one run to reach θ_T and its validation gradient, then a
+    replay of the same run (same seeds, same arithmetic) backpropagating that gradient through each step's
+    update. The objective is the final one, not a truncation's: nothing rewards being greedy mid-run."""
+    value, end = unroll(task, meta, lr0, horizon, seed, config=config, horizon=horizon, objective=objective,
+                        graph="step", val_subset=val_subset, device=device)
+    transformed = transform(value)
+    leaves = list(end.params.values())
+    if not (torch.isfinite(transformed) and transformed.requires_grad):
+        return value.detach(), transformed.detach(), _map(Tensor.detach, end), None
+    cotangent = [g.detach() for g in torch.autograd.grad(transformed, leaves)]
+    live = {k: v.detach().requires_grad_(True) for k, v in meta.items()}
+    unroll(task, live, lr0, horizon, seed, config=config, horizon=horizon, objective=objective, graph="step",
+           cotangent=cotangent, val_subset=val_subset, device=device)
+    grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in live.items()}
+    return value.detach(), transformed.detach(), _map(Tensor.detach, end), grads
 
 
 def _objective(task: Task, call: Any, params: dict[str, Tensor], buffers: dict[str, Tensor],
@@ -149,6 +184,12 @@ class Job(NamedTuple):
     weight: float = 1.0  # meta_objective = weight * transform(objective)
     log: bool = False  # transform = log (losses of runs of any length and task weigh alike)
     horizon_exponent: float = 0.0  # the optimizer's α (fitted by meta-training after the workers started)
+    linearized: bool = False  # grad of a whole run in O(1) memory (`linearized_grad`; first order)
+
+
+def _meta_objective(job: Job, value: Tensor) -> Tensor:
+    """What the estimators difference or differentiate: weight * (log) objective."""
+    return job.weight * (value.clamp_min(1e-12).log() if job.log else value)
 
 
 class Result(NamedTuple):
@@ -211,17 +252,30 @@ class Worker:
         config = self.config
         if job.horizon_exponent != config.horizon_exponent:
             config = dataclasses.replace(config, horizon_exponent=job.horizon_exponent)
+        if job.linearized:
+            return self._linearized(job, task, vector, config)
         with single_thread():
             value, particle = unroll(task, meta, job.lr0, job.steps, job.run_seed, config=config,
                                      horizon=job.horizon, objective=job.objective, particle=job.particle,
                                      graph=graph, val_subset=self.val_subset, device=self.device)
-            meta_value = job.weight * (value.clamp_min(1e-12).log() if job.log else value)
+            meta_value = _meta_objective(job, value)
             grad = None
             if job.grad and meta_value.requires_grad and torch.isfinite(meta_value):
                 grad = torch.autograd.grad(meta_value, vector)[0].detach()
         steps = (particle.state.moments.step - (job.particle.state.moments.step if job.particle else 0))
         return Result(float(value.detach()), float(meta_value.detach()), grad, particle if job.keep else None,
                       steps)
+
+    def _linearized(self, job: Job, task: Task, vector: Tensor, config: Config) -> Result:
+        """A whole run from the pretrained weights (bptt with truncation 0 never carries a particle)."""
+        meta = mixer.unflatten(vector.detach(), self.like(task))
+        with single_thread():
+            value, meta_value, particle, grads = linearized_grad(
+                task, meta, job.lr0, job.run_seed, job.horizon, config=config, objective=job.objective,
+                transform=lambda v: _meta_objective(job, v), val_subset=self.val_subset, device=self.device)
+        grad = None if grads is None else mixer.flatten(grads)
+        return Result(float(value), float(meta_value), grad, particle if job.keep else None,
+                      particle.state.moments.step)
 
 
 # ------------------------------------------------------------------------------- particle <-> tensors
