@@ -246,14 +246,14 @@ class Worker:
 
     def __call__(self, job: Job) -> Result:
         task = self.task(job.task_seed)
-        vector = job.vector.detach().clone().requires_grad_(job.grad)
-        meta = mixer.unflatten(vector, self.like(task))
-        graph = ("first" if self.first_order else "second") if job.grad else None
         config = self.config
         if job.horizon_exponent != config.horizon_exponent:
             config = dataclasses.replace(config, horizon_exponent=job.horizon_exponent)
         if job.linearized:
-            return self._linearized(job, task, vector, config)
+            return self._linearized(job, task, config)
+        vector = job.vector.detach().clone().requires_grad_(job.grad)
+        meta = mixer.unflatten(vector, self.like(task))
+        graph = ("first" if self.first_order else "second") if job.grad else None
         with single_thread():
             value, particle = unroll(task, meta, job.lr0, job.steps, job.run_seed, config=config,
                                      horizon=job.horizon, objective=job.objective, particle=job.particle,
@@ -266,9 +266,9 @@ class Worker:
         return Result(float(value.detach()), float(meta_value.detach()), grad, particle if job.keep else None,
                       steps)
 
-    def _linearized(self, job: Job, task: Task, vector: Tensor, config: Config) -> Result:
+    def _linearized(self, job: Job, task: Task, config: Config) -> Result:
         """A whole run from the pretrained weights (bptt with truncation 0 never carries a particle)."""
-        meta = mixer.unflatten(vector.detach(), self.like(task))
+        meta = mixer.unflatten(job.vector.detach(), self.like(task))
         with single_thread():
             value, meta_value, particle, grads = linearized_grad(
                 task, meta, job.lr0, job.run_seed, job.horizon, config=config, objective=job.objective,
