@@ -103,6 +103,27 @@ def test_truncated_slots_run_their_own_horizons_and_restart_there():
     assert min(weights) >= 1.0 and max(weights) == pytest.approx(cfg.end_weight)
 
 
+def test_whole_run_slots_start_fresh_every_iteration_and_count_the_replay():
+    cfg = small(estimator="bptt", horizon_range=(0.5, 2.0), truncation=0, tasks_per_iteration=2)
+    ctx = Context(cfg, horizon=H, lr0=0.03)
+    worker = Worker(TaskFamily.of(stiff_task()), cfg.config, cfg.first_order, cfg.val_subset, None)
+    seen: list = []
+
+    def run(jobs):
+        seen.append(jobs)
+        return [worker(job) for job in jobs]
+
+    vector = functional.mixer.flatten(cfg.config.init_meta(2))
+    particles = None
+    for iteration in range(4):
+        estimate = bptt(ctx, vector, iteration, particles, run)
+        particles, jobs = estimate.particles, seen[-1]
+        assert all(job.linearized and job.particle is None and job.steps == job.horizon for job in jobs)
+        assert estimate.steps == 2 * sum(job.horizon for job in jobs)  # each run, then its replay
+        assert float(estimate.grad.norm()) > 0
+    assert len({job.horizon for jobs in seen for job in jobs}) >= 2
+
+
 def test_validation_score_compares_every_horizon_to_the_untrained_optimizer():
     assert validation_score([0.2, 0.1], [0.2, 0.1]) == 0.0
     assert validation_score([0.1, 0.2], [0.2, 0.1]) == pytest.approx(math.log(2))  # a gain at 1x, a loss at 4x

@@ -197,7 +197,7 @@ class Result(NamedTuple):
     meta_objective: float  # weight * transform(objective): what the estimators difference or differentiate
     grad: Tensor | None
     particle: Particle | None
-    steps: int
+    steps: int  # fine-tuning steps spent (a whole-run gradient's replay included)
 
 
 def mean_objectives(results: list[Result], group: int) -> list[float]:
@@ -274,8 +274,9 @@ class Worker:
                 task, meta, job.lr0, job.run_seed, job.horizon, config=config, objective=job.objective,
                 transform=lambda v: _meta_objective(job, v), val_subset=self.val_subset, device=self.device)
         grad = None if grads is None else mixer.flatten(grads)
+        run = particle.state.moments.step
         return Result(float(value), float(meta_value), grad, particle if job.keep else None,
-                      particle.state.moments.step)
+                      run if grads is None else 2 * run)  # the replay's steps are spent too
 
 
 # ------------------------------------------------------------------------------- particle <-> tensors
