@@ -11,6 +11,8 @@ import math
 import os
 import platform
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,21 @@ def save_json(obj: Any, path: Path) -> Path:
     text = json.dumps(finite(obj), indent=1, allow_nan=False)
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
     return Path(path)
+
+
+def exit_with_parent(every: float = 1.0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone.
+
+    A pool's workers block on a queue whose write end they also hold, so a parent killed by a signal (no
+    shutdown) would leave them alive forever; a daemon thread watches the parent id instead."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="l3rs-exit-with-parent", daemon=True).start()
 
 
 def machine() -> dict[str, Any]:

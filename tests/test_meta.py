@@ -424,3 +424,67 @@ def test_meta_train_refuses_budgets_below_its_minimum(tmp_path, capsys):
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
                      "--horizon-range", "2,1"]) == 2  # lo > hi: one line, exit 2
     assert not (tmp_path / "x").exists()
+
+
+# The pools' children, started for real in a child process that is then SIGKILLed (no shutdown runs).
+_POOL_CHILDREN = {
+    "meta-train": """
+import os, time
+from l3rs.meta.distributed import Runner
+runner = Runner(None, workers=2)
+runner.pool.submit(os.getpid).result()
+print("ready", flush=True)
+time.sleep(120)
+""",
+    "evaluate": """
+import time
+import l3rs
+from l3rs.evaluate import tuning
+from l3rs.evaluate.methods import BASELINES
+from l3rs.evaluate.runs import RunRequest, ScenarioRunner
+runner = ScenarioRunner(l3rs.tasks.get("{tiny}"), steps=2, config=l3rs.Config(), workers=2)
+runner.prefetch([RunRequest(BASELINES["adamw"], {{"lr": lr}}, tuning.TUNE_SEEDS[0], False) for lr in (1e-3, 1e-2)])
+print("ready", flush=True)
+time.sleep(120)
+""",
+}
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:  # a reparented child that exited may linger as a zombie until its new parent reaps it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc (Linux)")
+@pytest.mark.parametrize("pool", sorted(_POOL_CHILDREN))
+def test_worker_processes_exit_when_their_parent_is_killed(pool, tiny, tiny_tasks):
+    source = _POOL_CHILDREN[pool].format(tiny=tiny)
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(Path(__import__(tiny_tasks).__file__).parent),
+                                                    _env().get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", source], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 20
+    while any(map(_running, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, workers))

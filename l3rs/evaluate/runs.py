@@ -12,6 +12,7 @@ import torch
 from l3rs.evaluate.methods import Method, make_optimizer
 from l3rs.finetune import RunResult, finetune
 from l3rs.functional import Config
+from l3rs.io import exit_with_parent
 
 MIN_EVAL_POINTS = 30  # validation points per curve run: enough to resolve a 1.1x speed-up
 
@@ -52,6 +53,7 @@ _WORKER_SETUP: list[WorkerSetup] = []  # what each pool process runs with, set o
 
 def _worker_init(setup: WorkerSetup) -> None:
     torch.set_num_threads(1)  # W single-threaded processes beat one W-threaded process on small models
+    exit_with_parent()
     _WORKER_SETUP.append(setup)
 
 

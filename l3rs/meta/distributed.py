@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from l3rs.io import exit_with_parent
 from l3rs.meta.unroll import Job, Result, Worker
 
 _WORKER: Worker | None = None
@@ -41,6 +42,7 @@ _WORKER: Worker | None = None
 def _init_worker(worker: Worker) -> None:
     global _WORKER
     torch.set_num_threads(1)
+    exit_with_parent()
     _WORKER = worker
 
 
