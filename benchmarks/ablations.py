@@ -1,0 +1,113 @@
+"""What each generalization mechanism buys: meta-train one optimizer per variant (the CLI defaults with one
+mechanism turned off, `docs/generalization.md`), evaluate each on held-out seeds at 1x and 5x its horizon and
+on an unseen shift, against the same tuned baselines; print JSON.
+
+    python benchmarks/ablations.py [--task cnn04-mnist59] [--iterations 20] [--out runs/ablations]
+                                   [--baselines-from docs/generalization] [--variants default,rms,...]
+
+Every variant gets the same meta-training work (`--iterations`, with the default validation checks) rather
+than the same wall-clock budget, so the table does not depend on what else the machine was doing. The
+"untrained" row is the default run's optimizer before meta-training (its swept λ0 and α, the initial mixer):
+what meta-training itself bought.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generalization import previous_evaluation, rows_of  # noqa: E402
+
+from l3rs.checkpoint import load_meta, save_meta  # noqa: E402
+from l3rs.evaluate import evaluate  # noqa: E402
+from l3rs.io import machine, save_json  # noqa: E402
+
+# variant -> (flags added to `l3rs meta-train`, the mechanism it turns off)
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "default": ([], "nothing: the CLI defaults"),
+    "untrained": ([], "meta-training (the default run's optimizer at iteration 0)"),
+    "rms": (["--normalize", "rms"], "snr normalization (per-step RMS, the paper's)"),
+    "constant-schedule": (["--schedule", "constant", "--max-log-scale", "8"],
+                          "the base schedule and the bounded deviation"),
+    "no-alpha": (["--horizon-exponent", "0"], "the horizon exponent α (λ0 at any length)"),
+    "free-step": (["--step-budget", "free"], "the shared step budget"),
+    "fixed-length": (["--horizon-range", "1,1"], "sampled run lengths (every run at the horizon)"),
+    "plain-objective": (["--no-log-objective", "--end-weight", "1"], "the end-weighted log objective"),
+    "select-1x": (["--validation-horizons", "1"], "checkpoint selection at 1x and 4x (1x only)"),
+}
+
+
+def meta_train(task: str, out: Path, iterations: int, flags: list[str]) -> Path:
+    """`l3rs meta-train` with the defaults plus `flags`, for a fixed number of iterations (resumable)."""
+    if not (out / "best" / "optimizer.json").exists():
+        subprocess.run([sys.executable, "-m", "l3rs", "meta-train", "--task", task, "--out", str(out),
+                        "--iterations", str(iterations), "--no-progress", *flags], check=True, stdout=sys.stderr)
+    return out / "best"
+
+
+def untrained(best: Path, out: Path) -> Path:
+    """The optimizer directory of `best`'s run before meta-training: same λ0, α and config, initial mixer."""
+    saved = load_meta(best)
+    config, info = saved["config"], dict(saved["info"])
+    meta = config.init_meta(len(info["tensor_names"]), info["seed"])
+    keep = {k: v for k, v in info.items() if k not in ("format", "format_version", "l3rs_version", "config",
+                                                       "tensor_names", "tensor_shapes", "lr", "total_steps")}
+    keep.update(best_iteration=0, validation=info["untrained_validation"],
+                validation_by_horizon=info["untrained_validation_by_horizon"], validation_score=0.0)
+    return save_meta(out, meta, config, info["tensor_names"], [tuple(s) for s in info["tensor_shapes"]],
+                     info["lr"], info["total_steps"], **keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="cnn04-mnist59")
+    parser.add_argument("--out", default="runs/ablations")
+    parser.add_argument("--iterations", type=int, default=20, help="meta-iterations of every variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--horizons", default="1,5")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--baselines", default="adamw,adamw-cosine,schedulefree-adamw,prodigy")
+    parser.add_argument("--shifts", default="rotated")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baselines-from", default="docs/generalization", metavar="DIR",
+                        help="reuse the tuned baselines of DIR/TASK/[eval/]evaluation.json where they match")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    start, out = time.perf_counter(), Path(args.out) / args.task
+    report: dict[str, Any] = {"settings": vars(args), "machine": machine(), "variants": {}}
+    for name in names:
+        flags, what = VARIANTS[name]
+        if name == "untrained":
+            best = untrained(meta_train(args.task, out / "default" / "meta", args.iterations, []), out / name / "meta")
+        else:
+            best = meta_train(args.task, out / name / "meta", args.iterations, flags)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+            evaluate(best, args.task, out / name / "eval", horizons=[float(h) for h in args.horizons.split(",")],
+                     seeds=args.seeds, baselines=args.baselines.split(","), shifts=args.shifts.split(","),
+                     progress=False, workers=args.workers,
+                     baselines_from=previous_evaluation(args.baselines_from, args.task))
+        info = json.loads((best / "optimizer.json").read_text())
+        evaluation = json.loads((out / name / "eval" / "evaluation.json").read_text())
+        report["variants"][name] = {
+            "turns_off": what, "flags": flags, "lr0": info["lr"],
+            "horizon_exponent": info["config"]["horizon_exponent"], "best_iteration": info["best_iteration"],
+            "validation_score": info["validation_score"], "meta_train_seconds": info["meta_train_seconds"],
+            "rows": rows_of(evaluation)}
+        save_json(report, Path(args.out) / f"ablations-{args.task}.json")  # partial results survive a failure
+    report["seconds"] = time.perf_counter() - start
+    save_json(report, Path(args.out) / f"ablations-{args.task}.json")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
