@@ -413,6 +413,22 @@ def test_meta_train_says_when_the_untrained_optimizer_ships(tmp_path, monkeypatc
     assert "(untrained: no room to meta-train; λ0 " in capsys.readouterr().out
 
 
+def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(out), "--no-progress",
+                     "--iterations", "0"]) == 0
+    assert "(untrained: --iterations 0; λ0 " in capsys.readouterr().out
+    info = json.loads((out / "best" / "optimizer.json").read_text())
+    assert info["iteration"] == info["best_iteration"] == 0 and info["validation"] is None
+    assert info["lr"] == info["lr0_sweep"]["lr0"] and info["horizon_sweep"] is not None  # both sweeps ran
+    config = functional.Config.from_dict(info["config"])
+    assert torch.equal(meta_vector(out / "best"), mixer.flatten(config.init_meta(len(info["tensor_names"]))))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
+                     "--iterations", "-1"]) == 2
+    assert "iterations must be an int >= 0" in capsys.readouterr().err
+
+
 def test_meta_train_refuses_budgets_below_its_minimum(tmp_path, capsys):
     from l3rs.meta.command import MIN_BUDGET_MINUTES
 

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "unless "
                              "--iterations is given)")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="meta-iterations (default: until the budget)")
+                        help="meta-iterations (default: until the budget); 0: only the λ0 and α sweeps, "
+                             "shipping the untrained optimizer")
     parser.add_argument("--population", type=int, default=d.population, help="antithetic pairs per iteration")
     parser.add_argument("--sigma", type=float, default=d.sigma, help="ES perturbation scale")
     parser.add_argument("--meta-lr", type=float, default=d.meta_lr,
@@ -102,7 +103,8 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
         config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
                         max_log_scale=args.max_log_scale, step_budget=args.step_budget)
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
-                          iterations=args.iterations or 1_000_000, budget_minutes=budget,
+                          iterations=1_000_000 if args.iterations is None else args.iterations,
+                          budget_minutes=budget,
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
@@ -129,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"meta-train: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         info = json.loads((best / "optimizer.json").read_text())
-        found = ("untrained: no room to meta-train" if info["validation"] is None else
+        found = ("untrained: --iterations 0" if cfg.iterations == 0 else
+                 "untrained: no room to meta-train" if info["validation"] is None else
                  f"validation {info['validation']:.4g} at iteration {info['best_iteration']}; "
                  f"untrained {info['untrained_validation']:.4g}")
         print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "

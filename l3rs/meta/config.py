@@ -83,7 +83,9 @@ class MetaConfig:
             raise ValueError("objective 'val_metric' is not differentiable: use estimator 'es' or 'pes'")
         if not isinstance(self.truncation, int) or self.truncation < 0:
             raise ValueError(f"truncation must be an int >= 0 (0: whole runs), got {self.truncation!r}")
-        for name in ("iterations", "population", "tasks_per_iteration", "validate_every",
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0 (0: sweeps only), got {self.iterations!r}")
+        for name in ("population", "tasks_per_iteration", "validate_every",
                      "validation_seeds", "lr0_seeds", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")

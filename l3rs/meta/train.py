@@ -163,7 +163,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     validation_start = time.perf_counter()
     val, val_steps = None, 0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
-    if _fits(cfg, sweep, 2 * _validation_steps(cfg, horizon), validation_start - start, run):
+    if cfg.iterations > 0 and _fits(cfg, sweep, 2 * _validation_steps(cfg, horizon), validation_start - start, run):
         val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
     validation_seconds = time.perf_counter() - validation_start
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
@@ -306,7 +306,7 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
             if progress and runner.rank == 0 and cfg.horizon_exponent is None and state.horizon_sweep is None:
                 tqdm.write("meta-train: the budget leaves no room for the α sweep: α = 0 (λ0 at any run length); "
                            "give a larger --budget-minutes or set --horizon-exponent")
-            if progress and runner.rank == 0 and state.untrained_validation is None:
+            if progress and runner.rank == 0 and state.untrained_validation is None and cfg.iterations > 0:
                 tqdm.write("meta-train: the budget leaves no room to validate meta-training: the untrained optimizer "
                            "ships with the swept λ0; give a larger --budget-minutes to meta-train")
             if runner.rank == 0:
