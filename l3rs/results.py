@@ -122,6 +122,7 @@ class ScenarioResult:
     eval_steps: list[int]
     best_baseline: str
     methods: dict[str, MethodResult]
+    fingerprint: str | None = None  # of the task's data and model (`evaluate.reuse.task_fingerprint`; older: none)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -17,10 +18,11 @@ import torch
 import l3rs
 from l3rs import results
 from l3rs.cli import main
-from l3rs.evaluate import BASELINES, evaluate, methods, protocol, runs, stats, tuning
+from l3rs.evaluate import BASELINES, evaluate, methods, protocol, reuse, runs, stats, tuning
 from l3rs.evaluate.runs import RunRequest, ScenarioRunner
 from l3rs.finetune import RunResult, finetune
 from l3rs.io import save_json
+from l3rs.results import EVAL_SEED
 from l3rs.tasks import Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -396,6 +398,28 @@ def test_baselines_run_where_the_previous_evaluation_differs(tiny: str, opt_dir:
                       shifts=(), progress=False, baselines_from=path)
     assert set(ran) == expected
     assert result.settings.reused == ([] if seeds == 3 else [f"{result.scenarios[0].label}/adamw"])
+
+
+@pytest.mark.parametrize("fingerprint", ["0123456789abcdef", None])  # another machine's backbone; an older file
+def test_baselines_of_another_task_or_model_are_not_reused(tiny: str, opt_dir: str, first_evaluation, ran, tmp_path,
+                                                           capsys, fingerprint) -> None:
+    saved = json.loads(first_evaluation[1].read_text())
+    assert saved["scenarios"][0]["fingerprint"] == reuse.task_fingerprint(l3rs.tasks.get(tiny), EVAL_SEED)
+    saved["scenarios"][0]["fingerprint"] = fingerprint
+    path = save_json(saved, tmp_path / "other.json")
+    result = evaluate(opt_dir, tiny, tmp_path / "o", horizons=(1,), seeds=2, baselines=["adamw"], shifts=(),
+                      progress=False, baselines_from=path)
+    assert result.settings.reused == [] and {name for name, _ in ran} == {"l3rs", "adamw"}
+    assert "not reused" in capsys.readouterr().err
+
+
+def test_the_fingerprint_sees_a_changed_model_or_data(tiny: str) -> None:
+    task = l3rs.tasks.get(tiny)
+    base = reuse.task_fingerprint(task, EVAL_SEED)
+    assert reuse.task_fingerprint(task, EVAL_SEED) == base
+    assert reuse.task_fingerprint(task, EVAL_SEED + 1) != base  # another head init
+    x, y = task.val
+    assert reuse.task_fingerprint(dataclasses.replace(task, val=(x + 1e-6, y)), EVAL_SEED) != base
 
 
 def test_evaluation_json_without_reuse_fields_still_loads(first_evaluation, tmp_path) -> None:

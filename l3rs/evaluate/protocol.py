@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
-from l3rs.evaluate.reuse import read_previous, reusable
+from l3rs.evaluate.reuse import other_task, read_previous, reusable, task_fingerprint
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -79,7 +80,8 @@ def _check_fits(optimizer_dir: Path, task: Any) -> None:
 
 
 def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: int, config: Config, bar: Any,
-                 device: Any, workers: int = 1, reused: dict[str, MethodResult] | None = None) -> ScenarioResult:
+                 device: Any, workers: int = 1, reused: dict[str, MethodResult] | None = None,
+                 fingerprint: str | None = None) -> ScenarioResult:
     """Tune every method, run it on the evaluation seeds, and compare with the best tuned baseline; methods
     in `reused` (a previous evaluation's results) keep their tuning and runs instead of running again."""
     reused = reused or {}
@@ -108,7 +110,7 @@ def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: i
                                 compare(loss_curves[m.name], loss_curves[best], grid))
            for m in methods}
     return ScenarioResult(scenario.label, scenario.task.name, scenario.variant, scenario.multiple, steps, grid,
-                          best, out)
+                          best, out, fingerprint)
 
 
 def meta_train_ablations(config: Config, info: dict[str, Any], task_or_spec: Any, out_dir: Path,
@@ -188,15 +190,20 @@ def evaluate(
         atmo_mixes=list(ATMO_MIXES), device=str(device or "cpu"), min_eval_points=MIN_EVAL_POINTS,
         bootstrap={"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95},
         baselines_from=None if baselines_from is None else str(baselines_from))
-    reuse = [reusable(previous, settings, s.label, n, methods) for s, n in zip(plan, steps, strict=True)]
+    prints = [task_fingerprint(s.task, EVAL_SEED) for s in plan]
+    reuse = [reusable(previous, settings, s.label, n, methods, f) for s, n, f in zip(plan, steps, prints, strict=True)]
+    for s, n, f in zip(plan, steps, prints, strict=True):
+        if other_task(previous, s.label, n, f):
+            tqdm.write(f"evaluate: baselines of {s.label} not reused: {baselines_from} ran it on other data or "
+                       "another pretrained model (or did not record which); running them here", file=sys.stderr)
     settings.reused = [f"{s.label}/{name}" for s, reused in zip(plan, reuse, strict=True) for name in reused]
     planned = sum(n * planned_runs([m for m in methods if m.name not in reused], seeds)
                   for n, reused in zip(steps, reuse, strict=True))
     bar = tqdm(total=planned, unit="step", desc="evaluate", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
-        results = [run_scenario(scenario, n, methods, seeds, config, bar, device, workers, reused)
-                   for scenario, n, reused in zip(plan, steps, reuse, strict=True)]
+        results = [run_scenario(scenario, n, methods, seeds, config, bar, device, workers, reused, f)
+                   for scenario, n, reused, f in zip(plan, steps, reuse, prints, strict=True)]
         bar.total = bar.n
     result = EvaluationResult(
         settings=settings, machine=machine(),

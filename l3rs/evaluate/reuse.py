@@ -3,21 +3,28 @@
 A baseline's tuning and runs depend only on the task, the scenario's steps and validation grid, the seeds,
 the LR grids and the device, never on the optimizer under evaluation: re-evaluating another optimizer on the
 same task can take them verbatim from the previous evaluation.json instead of repeating the sweeps (most of
-an evaluation's cost). Nothing here can tell whether the baseline code or the task data changed since.
+an evaluation's cost). "The same task" is checked by a fingerprint of its data and of the model at the first
+evaluation seed: backbones that l3rs pretrains itself are bit-identical on one machine but not across CPUs
+(measured: the same AdamW-cosine run on cnn04-mnist59 ended at 0.101 on one machine, 0.123 on another).
+Nothing here can tell whether the baseline code changed since.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from l3rs.evaluate.methods import Method
 from l3rs.evaluate.runs import validation_interval
 from l3rs.evaluate.stats import eval_grid
 from l3rs.finetune import RunResult
-from l3rs.results import EvaluationResult, MethodResult, Settings, Trial, load
+from l3rs.results import EvaluationResult, MethodResult, ScenarioResult, Settings, Trial, load
 
 
 class PreviousEvaluationError(ValueError):
@@ -32,6 +39,19 @@ def read_previous(path: str | os.PathLike) -> EvaluationResult:
         return load(path)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise PreviousEvaluationError(f"{path}: not a readable evaluation.json ({e})") from None
+
+
+def task_fingerprint(task: Any, seed: int) -> str:
+    """A hash of the task's splits and of `task.model_fn(seed)`'s weights and buffers (pretrained backbone
+    and head): two evaluations with equal fingerprints fine-tune the same model on the same data."""
+    digest = hashlib.sha256()
+    tensors = [("model." + k, v) for k, v in task.model_fn(seed).state_dict().items()]
+    for split in ("train", "val", "test"):
+        tensors += [(f"{split}.{i}", t) for i, t in enumerate(getattr(task, split) or ())]
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def same_protocol(old: Settings, new: Settings, method: Method) -> bool:
@@ -61,15 +81,26 @@ def _restore(result: MethodResult) -> MethodResult:
     return dataclasses.replace(result, tuning=tuning, runs=[_restore_run(r) for r in result.runs])
 
 
+def _same_scenario(previous: EvaluationResult, label: str, steps: int) -> ScenarioResult | None:
+    key = (label, steps, eval_grid(steps, validation_interval(steps)))
+    return next((s for s in previous.scenarios if (s.label, s.steps, s.eval_steps) == key), None)
+
+
+def other_task(previous: EvaluationResult | None, label: str, steps: int, fingerprint: str) -> bool:
+    """Whether `previous` ran scenario `label` on other data or another model (or did not record which)."""
+    old = None if previous is None else _same_scenario(previous, label, steps)
+    return old is not None and old.fingerprint != fingerprint
+
+
 def reusable(previous: EvaluationResult | None, settings: Settings, label: str, steps: int,
-             methods: list[Method]) -> dict[str, MethodResult]:
+             methods: list[Method], fingerprint: str) -> dict[str, MethodResult]:
     """Those of `methods` whose results in `previous` a new `steps`-step run of scenario `label` would
-    reproduce (only their `tuning` and `runs` count: everything else is recomputed from the merged runs)."""
+    reproduce (only their `tuning` and `runs` count: everything else is recomputed from the merged runs):
+    same scenario, protocol and task fingerprint."""
     if previous is None:
         return {}
-    key = (label, steps, eval_grid(steps, validation_interval(steps)))
-    old = next((s for s in previous.scenarios if (s.label, s.steps, s.eval_steps) == key), None)
-    if old is None:
+    old = _same_scenario(previous, label, steps)
+    if old is None or old.fingerprint != fingerprint:
         return {}
     return {m.name: _restore(old.methods[m.name]) for m in methods
             if m.reusable and m.name in old.methods and old.methods[m.name].kind == m.kind
