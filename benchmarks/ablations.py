@@ -91,13 +91,15 @@ def main() -> None:
             best = untrained(meta_train(args.task, out / "default" / "meta", args.iterations, []), out / name / "meta")
         else:
             best = meta_train(args.task, out / name / "meta", args.iterations, flags)
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-            evaluate(best, args.task, out / name / "eval", horizons=[float(h) for h in args.horizons.split(",")],
-                     seeds=args.seeds, baselines=args.baselines.split(","), shifts=args.shifts.split(","),
-                     progress=False, workers=args.workers,
-                     baselines_from=previous_evaluation(args.baselines_from, args.task))
+        done = out / name / "eval" / "evaluation.json"
+        if not done.exists():  # a rerun after a kill reuses the variants already evaluated
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+                evaluate(best, args.task, out / name / "eval",
+                         horizons=[float(h) for h in args.horizons.split(",")], seeds=args.seeds,
+                         baselines=args.baselines.split(","), shifts=args.shifts.split(","), progress=False,
+                         workers=args.workers, baselines_from=previous_evaluation(args.baselines_from, args.task))
         info = json.loads((best / "optimizer.json").read_text())
-        evaluation = json.loads((out / name / "eval" / "evaluation.json").read_text())
+        evaluation = json.loads(done.read_text())
         report["variants"][name] = {
             "turns_off": what, "flags": flags, "lr0": info["lr"],
             "horizon_exponent": info["config"]["horizon_exponent"], "best_iteration": info["best_iteration"],
