@@ -1,4 +1,5 @@
-"""File helpers shared by every layer (optimizer dirs, pretraining cache, meta checkpoints, results).
+"""Helpers shared by every layer: files (optimizer dirs, pretraining cache, meta checkpoints, results) and
+worker processes (`exit_with_parent`).
 
 Kept dependency-free within l3rs so that tasks, optimizer, meta-training and evaluation can all use it
 without importing each other.
