@@ -25,7 +25,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generalization import previous_evaluation, rows_of  # noqa: E402
 
-from l3rs.checkpoint import load_meta, save_meta  # noqa: E402
 from l3rs.evaluate import evaluate  # noqa: E402
 from l3rs.io import machine, save_json  # noqa: E402
 
@@ -52,17 +51,12 @@ def meta_train(task: str, out: Path, iterations: int, flags: list[str]) -> Path:
     return out / "best"
 
 
-def untrained(best: Path, out: Path) -> Path:
-    """The optimizer directory of `best`'s run before meta-training: same λ0, α and config, initial mixer."""
-    saved = load_meta(best)
-    config, info = saved["config"], dict(saved["info"])
-    meta = config.init_meta(len(info["tensor_names"]), info["seed"])
-    keep = {k: v for k, v in info.items() if k not in ("format", "format_version", "l3rs_version", "config",
-                                                       "tensor_names", "tensor_shapes", "lr", "total_steps")}
-    keep.update(best_iteration=0, validation=info["untrained_validation"],
-                validation_by_horizon=info["untrained_validation_by_horizon"], validation_score=0.0)
-    return save_meta(out, meta, config, info["tensor_names"], [tuple(s) for s in info["tensor_shapes"]],
-                     info["lr"], info["total_steps"], **keep)
+def untrained(task: str, best: Path, out: Path) -> Path:
+    """The optimizer of `best`'s run before meta-training: `l3rs meta-train --iterations 0` with that run's
+    swept λ0 and α given (so no sweep runs again) exports the initial mixer with them."""
+    info = json.loads((best / "optimizer.json").read_text())
+    return meta_train(task, out, 0, ["--lr0", repr(info["lr"]),
+                                     "--horizon-exponent", repr(info["config"]["horizon_exponent"])])
 
 
 def main() -> None:
@@ -88,7 +82,8 @@ def main() -> None:
     for name in names:
         flags, what = VARIANTS[name]
         if name == "untrained":
-            best = untrained(meta_train(args.task, out / "default" / "meta", args.iterations, []), out / name / "meta")
+            default = meta_train(args.task, out / "default" / "meta", args.iterations, [])
+            best = untrained(args.task, default, out / name / "meta")
         else:
             best = meta_train(args.task, out / name / "meta", args.iterations, flags)
         done = out / name / "eval" / "evaluation.json"
