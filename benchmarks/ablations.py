@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generalization import previous_evaluation, rows_of  # noqa: E402
 
 from l3rs.evaluate import evaluate  # noqa: E402
+from l3rs.evaluate.command import parse_shifts  # noqa: E402
 from l3rs.io import machine, save_json  # noqa: E402
 
 # variant -> (flags added to `l3rs meta-train`, the mechanism it turns off)
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--horizons", default="1,5")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--baselines", default="adamw,adamw-cosine,schedulefree-adamw,prodigy")
-    parser.add_argument("--shifts", default="rotated")
+    parser.add_argument("--shifts", default="rotated", help="as `l3rs evaluate --shifts` (auto, none or names)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baselines-from", default="docs/generalization", metavar="DIR",
                         help="reuse the tuned baselines of DIR/TASK/[eval/]evaluation.json where they match")
@@ -91,7 +92,7 @@ def main() -> None:
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
                 evaluate(best, args.task, out / name / "eval",
                          horizons=[float(h) for h in args.horizons.split(",")], seeds=args.seeds,
-                         baselines=args.baselines.split(","), shifts=args.shifts.split(","), progress=False,
+                         baselines=args.baselines.split(","), shifts=parse_shifts(args.shifts), progress=False,
                          workers=args.workers, baselines_from=previous_evaluation(args.baselines_from, args.task))
         info = json.loads((best / "optimizer.json").read_text())
         evaluation = json.loads(done.read_text())

@@ -26,6 +26,7 @@ import torch
 
 from l3rs import L3RS, tasks
 from l3rs.evaluate import evaluate
+from l3rs.evaluate.command import parse_shifts
 from l3rs.io import machine, save_json
 
 DEFAULT_TASKS = ("mnistcnn-digits", "cnn04-mnist59")
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--horizons", default="1,2,5")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
-    parser.add_argument("--shifts", default="rotated")
+    parser.add_argument("--shifts", default="rotated", help="as `l3rs evaluate --shifts` (auto, none or names)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baselines-from", default=None, metavar="DIR",
                         help="a previous run's --out (or docs/generalization): reuse the tuned baselines of its "
@@ -117,7 +118,7 @@ def main() -> None:
         best = meta_train(name, out / name / "meta", args.budget_minutes)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
             evaluate(best, name, out / name / "eval", horizons=[float(h) for h in args.horizons.split(",")],
-                     seeds=args.seeds, baselines=args.baselines.split(","), shifts=args.shifts.split(","),
+                     seeds=args.seeds, baselines=args.baselines.split(","), shifts=parse_shifts(args.shifts),
                      progress=False, workers=args.workers,
                      baselines_from=previous_evaluation(args.baselines_from, name))
         evaluation = json.loads((out / name / "eval" / "evaluation.json").read_text())

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from l3rs import L3RS, tasks
 from l3rs.finetune import finetune
+from l3rs.io import single_thread
 from l3rs.meta import MetaConfig, train, tune_lr0
-from l3rs.meta.unroll import single_thread
 
 TASK = "mnistcnn-digits"
 SETTINGS = {"es": {"meta_lr": 0.03}, "pes": {"meta_lr": 0.03}, "bptt": {}}  # bptt: first order, meta_lr 0.01

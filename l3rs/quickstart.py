@@ -33,7 +33,7 @@ from l3rs.evaluate import BASELINES as ALL_BASELINES
 from l3rs.evaluate import Method, evaluate
 from l3rs.evaluate.runs import MIN_EVAL_POINTS
 from l3rs.evaluate.tuning import planned_runs
-from l3rs.meta.unroll import single_thread
+from l3rs.io import single_thread
 from l3rs.report.tables import plus_minus, vs_best_text
 from l3rs.results import EvaluationResult, Stat, VsBest
 

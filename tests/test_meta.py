@@ -23,10 +23,11 @@ from torch import nn
 from l3rs import L3RS, functional, mixer
 from l3rs.cli import main as cli_main
 from l3rs.finetune import finetune
+from l3rs.io import single_thread
 from l3rs.meta import MetaConfig, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
 from l3rs.meta.sweeps import horizon_exponent_fit, lr0_sweep
-from l3rs.meta.unroll import Result, linearized_grad, single_thread
+from l3rs.meta.unroll import Result, linearized_grad
 from l3rs.tasks import Task, TaskFamily
 
 TESTS = Path(__file__).parent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import l3rs.tasks as T
-from l3rs.tasks import backbones, data
+from l3rs.tasks import backbones, data, pretraining
 from l3rs.tasks.core import TaskError, UnknownTaskError
 
 BASE_TASKS = ["mnistcnn-digits", "cnn04-mnist59", "mlp-mnist1d-shift", "effnet-mnist"]
@@ -143,6 +144,26 @@ def test_pretrain_is_reproducible_cached_and_atomic(tmp_path):
     assert not [p for p in p1.parent.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(TaskError, match="unknown pretrained backbone 'nope'"):
         T.pretrain("nope")
+
+
+@pytest.mark.parametrize("name", sorted(pretraining.SPECS))
+def test_default_backbones_ship_and_load_without_pretraining(name, monkeypatch):
+    """Pretraining differs across CPUs: the default settings' weights ship, so every machine gets them."""
+    monkeypatch.delenv("L3RS_PRETRAIN_STEPS")
+    spec = pretraining.resolve_spec(name)
+    for seed in (0, 1, 2, 3):  # the families' pretraining seeds and the held-out one
+        path = T.pretrain(name, seed, progress=False)
+        assert path.parent == pretraining.SHIPPED
+        record = json.loads(path.with_suffix(".json").read_text())
+        assert record["seed"] == seed and record["spec"] == json.loads(json.dumps(dataclasses.asdict(spec)))
+        assert record["val_accuracy"] > 0.5  # chance: 0.2 (cnn04), 0.1 (mlp1d; 0.69 is its level)
+        model = T.pretrained_model(name, seed, progress=False)
+        saved = load_file(str(path))
+        assert saved.keys() == model.state_dict().keys()
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert not (T.cache_dir() / "pretrained").exists()  # nothing was pretrained
+    with pytest.raises(TaskError, match="ships with l3rs"):
+        T.pretrain(name, 0, force=True, progress=False)
 
 
 def test_mnist1d_generation_leaves_global_rng_alone():

@@ -61,13 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def parse_shifts(text: str) -> list[str] | None:
+    """--shifts: 'auto' (None: every variant the task offers), 'none' ([]) or comma-separated names."""
+    return {"auto": None, "none": []}.get(text.strip(), [s.strip() for s in text.split(",") if s.strip()])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.budget_minutes is not None and not args.budget_minutes > 0:
         raise UsageError(f"--budget-minutes must be > 0, got {args.budget_minutes:g}")
-    listed = [s.strip() for s in args.shifts.split(",") if s.strip()]
-    shifts = {"auto": None, "none": []}.get(args.shifts, listed)
+    shifts = parse_shifts(args.shifts)
     try:
         result = evaluate(args.optimizer, args.task, args.out, horizons=_floats(args.horizons, "horizons"),
                           seeds=args.seeds, baselines=_names(args.baselines, list(BASELINES), "baseline(s)"),

@@ -12,7 +12,7 @@ import torch
 from l3rs.evaluate.methods import Method, make_optimizer
 from l3rs.finetune import RunResult, finetune
 from l3rs.functional import Config
-from l3rs.io import exit_with_parent
+from l3rs.io import exit_with_parent, single_thread
 
 MIN_EVAL_POINTS = 30  # validation points per curve run: enough to resolve a 1.1x speed-up
 
@@ -92,7 +92,10 @@ class ScenarioRunner:
     def run(self, method: Method, hp: dict[str, float], seed: int, curves: bool = False) -> RunResult:
         request = RunRequest(method, hp, seed, curves)
         cached = self.cache.get(request.key())
-        return cached if cached is not None else self._done(request, _run(self.setup, request))
+        if cached is not None:
+            return cached
+        with single_thread():  # like the pool's workers: figures do not depend on --workers
+            return self._done(request, _run(self.setup, request))
 
     def prefetch(self, requests: list[RunRequest]) -> None:
         """Compute the uncached runs among `requests` in parallel (no-op with one worker)."""

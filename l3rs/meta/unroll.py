@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 from l3rs import features, functional, mixer
 from l3rs.bases import Moments
 from l3rs.functional import Config
+from l3rs.io import single_thread
 from l3rs.seeds import seed_of
 from l3rs.tasks import Task, TaskFamily, functional_model
 
@@ -205,17 +205,6 @@ def mean_objectives(results: list[Result], group: int) -> list[float]:
     holding a diverged run."""
     chunks = [[r.objective for r in results[i:i + group]] for i in range(0, len(results), group)]
     return [sum(c) / len(c) if all(map(math.isfinite, c)) else math.inf for c in chunks]
-
-
-@contextmanager
-def single_thread():
-    """Jobs always run on one intra-op thread: results are then bit-identical on any worker layout."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Worker:

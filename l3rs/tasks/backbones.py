@@ -44,7 +44,7 @@ class MnistCNN(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A small BatchNorm CNN for 1x28x28 inputs that l3rs pretrains itself (a ResNet-like BN setting)."""
+    """A small BatchNorm CNN for 1x28x28 inputs that l3rs pretrains itself (a ResNet-like BN setting; `pretraining`)."""
 
     def __init__(self, num_classes: int = 5, width: int = 16) -> None:
         super().__init__()

@@ -1,17 +1,17 @@
-"""The built-in fine-tuning tasks, all offline (data and weights ship in packages or are pretrained here).
+"""The built-in fine-tuning tasks, all offline (data and weights ship in packages or in l3rs).
 
 Task families (`l3rs.tasks.family(name)`); `get(name)` is the family's base task:
 
 - ``mnistcnn-digits``: the digit-recognizer MNIST CNN (99.7% on MNIST) fine-tuned on sklearn's 8x8 digits
   drawn MNIST-style at 28x28 (~82% zero-shot with the original head); the 10-way head
   (``fc_layers.2``) is re-initialized. Train 997 / val 400 / test 400.
-- ``cnn04-mnist59``: a small BatchNorm CNN that l3rs pretrains on MNIST-5k digits 0-4 (seeds 0-3),
-  fine-tuned with a new 5-way head on digits 5-9. The family draws pretraining seeds 0, 1, 2; seed 3 is
-  held out (``family.held_out_seeds``) and is the backbone of ``cnn04-mnist59:heldout``.
-  Train 1000 / val 500 / test 1000.
-- ``mlp-mnist1d-shift``: an MLP pretrained on MNIST-1D (default generator args) fine-tuned on a shifted
-  MNIST-1D (another generator seed, 2.5x the i.i.d. noise, larger translations); head re-initialized.
-  Pretraining seeds 0, 1, 2 in the family, 3 held out (``mlp-mnist1d-shift:heldout``).
+- ``cnn04-mnist59``: a small BatchNorm CNN that l3rs pretrained on MNIST-5k digits 0-4 (seeds 0-3,
+  weights shipped in ``l3rs/tasks/weights``), fine-tuned with a new 5-way head on digits 5-9. The family
+  draws pretraining seeds 0, 1, 2; seed 3 is held out (``family.held_out_seeds``) and is the backbone of
+  ``cnn04-mnist59:heldout``. Train 1000 / val 500 / test 1000.
+- ``mlp-mnist1d-shift``: an MLP pretrained by l3rs on MNIST-1D (default generator args; weights shipped),
+  fine-tuned on a shifted MNIST-1D (another generator seed, 2.5x the i.i.d. noise, larger translations);
+  head re-initialized. Pretraining seeds 0, 1, 2 in the family, 3 held out (``mlp-mnist1d-shift:heldout``).
   Train 1000 / val 1000 / test 2000.
 - ``effnet-mnist``: EfficientNet-Lite0 (ImageNet) fine-tuned on MNIST-5k at 32x32 RGB in [-1, 1], new
   10-way head ``_fc``. Slow (~0.15 s/step at batch 32): small default batch and horizon. Train 3000 /
