@@ -500,6 +500,16 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
     assert previous(str(tmp_path / "docs"), "tiny") == copy
 
 
+def test_ablations_evaluate_an_optimizer_once_however_many_variants_ship_it(monkeypatch, tmp_path) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    key = importlib.import_module("benchmarks.ablations").optimizer_key
+    model = torch.nn.Linear(3, 2)
+    for name, lr, seconds in (("a", 1e-3, 10.0), ("b", 1e-3, 99.0), ("c", 2e-3, 10.0)):
+        l3rs.L3RS(model.named_parameters(), lr=lr).save_pretrained(tmp_path / name, meta_train_seconds=seconds)
+    assert key(tmp_path / "a") == key(tmp_path / "b")  # only the record of how it was made differs
+    assert key(tmp_path / "a") != key(tmp_path / "c")
+
+
 def test_suite_gives_a_slow_task_its_smallest_run_and_splits_the_rest_evenly(suite) -> None:
     smallest = {"fast": 100.0, "slow": 1700.0, "mid": 300.0, "huge": 5000.0}
     kept = suite.affordable(smallest, 3600.0)  # huge does not fit beside the others; order is kept
