@@ -148,7 +148,7 @@ def test_pretrain_is_reproducible_cached_and_atomic(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(pretraining.SPECS))
 def test_default_backbones_ship_and_load_without_pretraining(name, monkeypatch):
-    """Pretraining differs across CPUs: the default settings' weights ship, so every machine gets them."""
+    """Pretraining depends on the thread count: the default settings' weights ship, so every machine gets them."""
     monkeypatch.delenv("L3RS_PRETRAIN_STEPS")
     spec = pretraining.resolve_spec(name)
     for seed in (0, 1, 2, 3):  # the families' pretraining seeds and the held-out one

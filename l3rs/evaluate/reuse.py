@@ -4,9 +4,9 @@ A baseline's tuning and runs depend only on the task, the scenario's steps and v
 the LR grids and the device, never on the optimizer under evaluation: re-evaluating another optimizer on the
 same task can take them verbatim from the previous evaluation.json instead of repeating the sweeps (most of
 an evaluation's cost). "The same task" is checked by a fingerprint of its data and of the model at the first
-evaluation seed: a backbone pretrained on one machine differs from one pretrained on another (measured: the
-same AdamW-cosine run on cnn04-mnist59 ended at 0.101 on one machine, 0.123 on another, before its weights
-shipped), and user tasks may change their data or model between runs.
+evaluation seed: before its weights shipped, the cnn04 backbone depended on how many threads pretrained it
+(the same AdamW-cosine run on cnn04-mnist59 ended at 0.101 from one and 0.123 from the other), and user tasks
+may change their data or model between runs.
 Nothing here can tell whether the baseline code changed since.
 """
 

@@ -1,11 +1,12 @@
 """Backbones that l3rs pretrains itself, deterministically, as safetensors + JSON.
 
 Several pretraining seeds of the same backbone give the "other model initialization" axis of the
-generalization study. The same (name, seed, settings) yields bit-identical weights on one machine but not
-across CPUs (measured: a cnn04 fine-tuning run ended at 0.101 on one machine and 0.123 on another), so the
-default settings' weights for seeds 0-3 ship inside the package (`weights/`): every machine fine-tunes the
-same backbones, and results stay comparable across machines. Other settings are pretrained on first use
-(seconds on 2 CPU cores) into the cache.
+generalization study. Conv and matmul results depend on the number of intra-op threads, so pretraining runs
+on one thread; before it did, whichever process pretrained first (a two-thread main process or a one-thread
+worker) decided the weights, and one cnn04 fine-tuning run ended at 0.101 from one and 0.123 from the other.
+The default settings' weights for seeds 0-3 ship inside the package (`weights/`, made on one thread): every
+machine fine-tunes the same backbones. Other settings are pretrained on first use (seconds on 2 CPU cores)
+into the cache.
 
 Cache: `$L3RS_CACHE` (default `~/.cache/l3rs`)/pretrained/<name>-s<seed>-<settings hash>.{safetensors,json}.
 `L3RS_PRETRAIN_STEPS=<n>` overrides the number of pretraining steps (tests use tiny values); the steps
