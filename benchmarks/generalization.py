@@ -94,7 +94,11 @@ def rows_of(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
                      "variant": scenario["variant"], "best_baseline": scenario["best_baseline"],
                      "l3rs_val_loss": ours["summary"]["val_loss"]["mean"],
                      "baseline_val_loss": scenario["methods"][scenario["best_baseline"]]["summary"]["val_loss"]["mean"],
-                     **{k: vs.get(k) for k in ("ratio", "ratio_ci95", "speedup", "speedup_ci95", "verdict")}})
+                     **{k: vs.get(k) for k in ("ratio", "ratio_ci95", "speedup", "speedup_ci95", "verdict")},
+                     # the lowest-loss baseline when it is outside the tuned pool (e.g. Prodigy at its defaults)
+                     "lowest_baseline": scenario.get("lowest_baseline"),
+                     "vs_lowest": {k: (scenario.get("vs_lowest") or {}).get(k) for k in ("ratio", "ratio_ci95",
+                                                                                          "verdict")}})
     return rows
 
 

@@ -123,6 +123,10 @@ class ScenarioResult:
     best_baseline: str
     methods: dict[str, MethodResult]
     fingerprint: str | None = None  # of the task's data and model (`evaluate.reuse.task_fingerprint`; older: none)
+    # the baseline of lowest mean final val loss when it is outside the tuned pool (an LR-free one at its
+    # defaults, or l3rs-untrained), and L3RS against it; None when it is the best tuned baseline
+    lowest_baseline: str | None = None
+    vs_lowest: VsBest | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from l3rs.evaluate import BASELINES, evaluate, methods, protocol, reuse, runs, s
 from l3rs.evaluate.runs import RunRequest, ScenarioRunner
 from l3rs.finetune import RunResult, finetune
 from l3rs.io import save_json
+from l3rs.report import tables as report_tables
 from l3rs.results import EVAL_SEED
 from l3rs.tasks import Task
 
@@ -440,6 +441,19 @@ def test_missing_baselines_from_file_is_a_one_line_error(tiny: str, opt_dir: str
         rc, err = run_cli(["evaluate", "--optimizer", opt_dir, "--task", tiny, "--out", str(tmp_path / "o"),
                            "--no-progress", "--baselines-from", str(tmp_path / name)], capsys)
         assert rc == 2 and len(err) == 1 and "not a readable evaluation.json" in err[0]
+
+
+def test_the_lowest_baseline_outside_the_tuned_pool_is_named_and_compared(first_evaluation) -> None:
+    pool = [BASELINES["adamw"], BASELINES["prodigy"], methods.meta_trained("l3rs", "unused")]
+    assert protocol.lowest_baseline(pool, {"adamw": 0.2, "prodigy": 0.1, "l3rs": 0.05}, "adamw") == "prodigy"
+    assert protocol.lowest_baseline(pool, {"adamw": 0.2, "prodigy": 0.3, "l3rs": 0.05}, "adamw") is None
+    scenario = first_evaluation[0].scenarios[0]
+    assert (scenario.lowest_baseline is None) == (scenario.vs_lowest is None)
+    other = next(n for n in scenario.methods if n not in ("l3rs", scenario.best_baseline))
+    named = dataclasses.replace(scenario, lowest_baseline=other, vs_lowest=scenario.methods["l3rs"].vs_best)
+    assert f"The lowest loss of any baseline is {other}'s" in report_tables.verdict(named)
+    assert "lowest loss of any" not in report_tables.verdict(dataclasses.replace(scenario, lowest_baseline=None,
+                                                                                  vs_lowest=None))
 
 
 def test_parallel_runner_matches_sequential(tiny: str) -> None:

@@ -109,8 +109,17 @@ def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: i
                                 means[m.name], speedup(means[best].val_loss, means[m.name].val_loss, grid),
                                 compare(loss_curves[m.name], loss_curves[best], grid))
            for m in methods}
+    lowest = lowest_baseline(methods, {name: c.val_loss[-1] for name, c in means.items()}, best)
+    vs_lowest = compare(loss_curves["l3rs"], loss_curves[lowest], grid) if lowest and "l3rs" in out else None
     return ScenarioResult(scenario.label, scenario.task.name, scenario.variant, scenario.multiple, steps, grid,
-                          best, out, fingerprint)
+                          best, out, fingerprint, lowest if vs_lowest else None, vs_lowest)
+
+
+def lowest_baseline(methods: list[Method], finals: dict[str, float], best: str) -> str | None:
+    """The baseline, tuned or not (never a meta-trained L3RS), of lowest mean final val loss, unless it is
+    `best` (the best tuned baseline, which the verdicts already compare with)."""
+    lowest = min((m.name for m in methods if m.kind != "l3rs"), key=finals.__getitem__, default=best)
+    return None if lowest == best else lowest
 
 
 def meta_train_ablations(config: Config, info: dict[str, Any], task_or_spec: Any, out_dir: Path,

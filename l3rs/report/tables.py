@@ -85,7 +85,14 @@ def verdict(scenario: ScenarioResult) -> str:
                       f"{plus_minus(best.val_loss)}."
     ratio, speed = vs_best_text(ours.vs_best)
     caveat = " (one seed: the intervals are empty)" if ours.summary.seeds < 2 else ""
-    return (head + f"L3RS is **{VERDICT_WORDS[ours.vs_best.verdict]}** the best tuned baseline "
+    text = (head + f"L3RS is **{VERDICT_WORDS[ours.vs_best.verdict]}** the best tuned baseline "
             f"{scenario.best_baseline}: final val loss {plus_minus(ours.summary.val_loss)} vs "
             f"{plus_minus(best.val_loss)}, ratio {ratio} (95% CI){caveat}; speed-up {speed}; test acc "
             f"{plus_minus(ours.summary.test_metric)} vs {plus_minus(best.test_metric)}.")
+    lowest, vs = scenario.lowest_baseline, scenario.vs_lowest
+    if lowest is not None and vs is not None:
+        ratio, speed = vs_best_text(vs)
+        text += (f" The lowest loss of any baseline is {lowest}'s (outside the tuned pool), "
+                 f"{plus_minus(scenario.methods[lowest].summary.val_loss)}: L3RS is "
+                 f"{VERDICT_WORDS[vs.verdict]} it, ratio {ratio}, speed-up {speed}.")
+    return text
