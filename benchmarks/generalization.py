@@ -30,7 +30,7 @@ from l3rs.evaluate.command import parse_shifts
 from l3rs.io import machine, save_json
 
 DEFAULT_TASKS = ("mnistcnn-digits", "cnn04-mnist59")
-DEFAULT_BASELINES = ("adamw", "adamw-cosine", "sgd-cosine-head", "l3rs-untrained")
+DEFAULT_BASELINES = ("adamw", "adamw-cosine", "schedulefree-adamw", "prodigy")  # the README table's
 PROGRESS_POINTS = 20
 
 
