@@ -1,7 +1,9 @@
-"""`l3rs tasks` (list the built-in tasks) and `l3rs pretrain` (build the cached backbones ahead of time).
+"""`l3rs tasks` (list the built-in tasks) and `l3rs pretrain` (show the shipped backbones, or build cached
+ones with other settings ahead of time).
 
-Pretraining ahead of time matters before starting parallel workers: otherwise each worker would pretrain
-the same backbone on first use (safe, the writes are atomic, but wasted work).
+The default settings' backbones ship with l3rs. Pretraining other settings (`--steps`) ahead of time matters
+before starting parallel workers: otherwise each worker would pretrain the same backbone on first use (safe,
+the writes are atomic, but wasted work).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--seeds", default="0,1,2,3", help="comma-separated pretraining seeds (default 0,1,2,3)"
         )
-        parser.add_argument("--force", action="store_true", help="pretrain again even if cached")
+        parser.add_argument("--force", action="store_true", help="pretrain again even if cached (shipped backbones are never replaced)")
         parser.add_argument(
             "--steps", type=int, default=None, help="override the number of pretraining steps"
         )
