@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(
             "--seeds", default="0,1,2,3", help="comma-separated pretraining seeds (default 0,1,2,3)"
         )
-        parser.add_argument("--force", action="store_true", help="pretrain again even if cached (shipped backbones are never replaced)")
+        parser.add_argument(
+            "--force", action="store_true", help="pretrain again even if cached (shipped backbones are never replaced)"
+        )
         parser.add_argument(
             "--steps", type=int, default=None, help="override the number of pretraining steps"
         )
