@@ -98,7 +98,8 @@ def main() -> None:
             best = untrained(args.task, default, out / name / "meta")
         else:
             best = meta_train(args.task, out / name / "meta", args.iterations, flags)
-        done, same = out / name / "eval" / "evaluation.json", evaluated.get(optimizer_key(best))
+        key = optimizer_key(best)
+        done, same = out / name / "eval" / "evaluation.json", evaluated.get(key)
         if not done.exists() and same is not None:  # e.g. "untrained" when the default shipped untrained
             done.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(same, done)
@@ -108,7 +109,7 @@ def main() -> None:
                          horizons=[float(h) for h in args.horizons.split(",")], seeds=args.seeds,
                          baselines=args.baselines.split(","), shifts=parse_shifts(args.shifts), progress=False,
                          workers=args.workers, baselines_from=previous_evaluation(args.baselines_from, args.task))
-        evaluated.setdefault(optimizer_key(best), done)
+        evaluated.setdefault(key, done)
         info = json.loads((best / "optimizer.json").read_text())
         evaluation = json.loads(done.read_text())
         report["variants"][name] = {

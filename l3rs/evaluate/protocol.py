@@ -110,9 +110,9 @@ def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: i
                                 compare(loss_curves[m.name], loss_curves[best], grid))
            for m in methods}
     lowest = lowest_baseline(methods, {name: c.val_loss[-1] for name, c in means.items()}, best)
-    vs_lowest = compare(loss_curves["l3rs"], loss_curves[lowest], grid) if lowest and "l3rs" in out else None
+    vs_lowest = None if lowest is None else compare(loss_curves["l3rs"], loss_curves[lowest], grid)
     return ScenarioResult(scenario.label, scenario.task.name, scenario.variant, scenario.multiple, steps, grid,
-                          best, out, fingerprint, lowest if vs_lowest else None, vs_lowest)
+                          best, out, fingerprint, lowest, vs_lowest)
 
 
 def lowest_baseline(methods: list[Method], finals: dict[str, float], best: str) -> str | None:

@@ -168,7 +168,7 @@ def pretrain(
     """
     spec = resolve_spec(name, steps)
     path = checkpoint_path(name, seed, spec)
-    if path.is_file() and path.parent == SHIPPED:
+    if path.parent == SHIPPED:  # checkpoint_path names a shipped file only when it exists
         if force:
             raise TaskError(f"{name} seed {seed} ships with l3rs ({path}) and is not re-pretrained: --force "
                             "applies to cached backbones (other --steps)")
