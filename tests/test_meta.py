@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -418,8 +419,10 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
     out = tmp_path / "x"
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(out), "--no-progress",
                      "--iterations", "0"]) == 0
-    assert "(untrained: --iterations 0; λ0 " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(untrained: --iterations 0; λ0 " in printed and "time: sweeps " in printed
     info = json.loads((out / "best" / "optimizer.json").read_text())
+    assert info["seconds_by_phase"]["sweeps"] > 0 and info["seconds_by_phase"]["validation"] == 0
     assert info["iteration"] == info["best_iteration"] == 0 and info["validation"] is None
     assert info["lr"] == info["lr0_sweep"]["lr0"] and info["horizon_sweep"] is not None  # both sweeps ran
     config = functional.Config.from_dict(info["config"])
@@ -440,7 +443,18 @@ def test_meta_train_refuses_budgets_below_its_minimum(tmp_path, capsys):
         assert len(err) == 1 and f"at least {MIN_BUDGET_MINUTES:g}" in err[0]
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
                      "--horizon-range", "2,1"]) == 2  # lo > hi: one line, exit 2
+    assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
+                     "--validation-seeds", "0"]) == 2
+    assert "validation_seeds" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_validation_seeds_reach_the_meta_config():
+    from l3rs.cli import build_parser
+    from l3rs.meta.command import meta_config
+
+    args = build_parser("meta-train").parse_args(["meta-train", "--task", "t", "--out", "o", "--validation-seeds", "6"])
+    assert meta_config(args).validation_seeds == 6
 
 
 # The pools' children, started for real in a child process that is then SIGKILLed (no shutdown runs).
@@ -455,6 +469,7 @@ time.sleep(120)
 """,
     "evaluate": """
 import time
+import types
 import l3rs
 from l3rs.evaluate import tuning
 from l3rs.evaluate.methods import BASELINES
@@ -505,3 +520,29 @@ def test_worker_processes_exit_when_their_parent_is_killed(pool, tiny, tiny_task
     while any(map(_running, workers)) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(map(_running, workers))
+
+
+def test_the_budget_ends_with_one_final_validation(tmp_path, monkeypatch):
+    """On a fake clock (an iteration costs 5 s, a validation 1 s, 30 s of budget) the run stops after the
+    validation that its budget reserved room for, instead of starting an iteration that needs another one."""
+    module = sys.modules["l3rs.meta.train"]
+    clock = [0.0]
+    estimator, validate = module.ESTIMATORS["bptt"], module.validate
+
+    def slow_estimator(*args, **kwargs):
+        clock[0] += 5.0
+        return estimator(*args, **kwargs)
+
+    def quick_validate(*args, **kwargs):
+        clock[0] += 1.0
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setitem(module.ESTIMATORS, "bptt", slow_estimator)
+    monkeypatch.setattr(module, "validate", quick_validate)
+    cfg = small(iterations=100, validate_every=100, budget_minutes=0.5, horizon_exponent=0.0)
+    train(stiff_task(), tmp_path, cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validated = [r["iteration"] for r in lines[1:] if r["validation"] is not None]
+    assert validated == [lines[-1]["iteration"]] == [5]  # 1 s of untrained validation + 4 × 5 s, then the last
+    assert lines[-1]["elapsed"] <= 30

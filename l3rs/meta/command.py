@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="multiples of the horizon at which held-out validation picks the kept checkpoint")
     parser.add_argument("--validate-every", type=int, default=d.validate_every,
                         help="iterations between held-out validations (they pick the kept checkpoint)")
+    parser.add_argument("--validation-seeds", type=int, default=d.validation_seeds,
+                        help="held-out fine-tuning seeds per validation horizon (more: a surer pick, dearer checks)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=d.config.normalize,
                         help="snr: each direction at unit RMS times the RMS of Adam's direction (shrinks as "
                              "noise takes over); rms: unit RMS at every step (the paper); none: raw")
@@ -113,7 +115,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           horizon_draw=args.horizon_draw,
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
                           end_weight=args.end_weight, log_objective=not args.no_log_objective,
-                          validate_every=args.validate_every,
+                          validate_every=args.validate_every, validation_seeds=args.validation_seeds,
                           workers=args.workers, device=args.device, config=config)
     except ValueError as e:
         raise UsageError(f"meta-train: {e}") from None
@@ -137,4 +139,7 @@ def run(args: argparse.Namespace) -> int:
                  f"untrained {info['untrained_validation']:.4g}")
         print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
+        split = info.get("seconds_by_phase")
+        if split:  # the budget's split: validation and sweeps can leave the meta-gradient little of it
+            print("time: " + ", ".join(f"{name.replace('_', '-')} {sec:.0f} s" for name, sec in split.items()))
     return 0

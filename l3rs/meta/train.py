@@ -61,6 +61,7 @@ class TrainState:
     seconds: float
     steps: int  # fine-tuning steps spent
     validation_seconds: float = 0.0  # what the last validation took (budgets plan for the next one)
+    validation_total: float = 0.0  # what every validation so far took (reported: where the budget went)
     horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
     horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
     particles: Particles | None = None
@@ -161,16 +162,17 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run)
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent or 0.0
     validation_start = time.perf_counter()
-    val, val_steps = None, 0
+    val, val_steps, validation_seconds = None, 0, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * _validation_steps(cfg, horizon), validation_start - start, run):
         val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
-    validation_seconds = time.perf_counter() - validation_start
+        validation_seconds = time.perf_counter() - validation_start
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
                       best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=val,
                       best_validation=val, best_score=0.0, best_iteration=0, seconds=time.perf_counter() - start,
                       steps=val_steps + sum(s["steps"] for s in (sweep, fit) if s),
-                      validation_seconds=validation_seconds, horizon_exponent=exponent, horizon_sweep=fit)
+                      validation_seconds=validation_seconds, validation_total=validation_seconds,
+                      horizon_exponent=exponent, horizon_sweep=fit)
 
 
 def _save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
@@ -255,6 +257,7 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
             "untrained_validation": state.untrained_validation and state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,
+            "seconds_by_phase": seconds_by_phase(state),
             "meta_config": {k: v for k, v in cfg.to_dict().items() if k != "config"}}  # to re-run ablations
     best = {"validation": state.best_validation and state.best_validation[0],
             "validation_by_horizon": state.best_validation,
@@ -262,6 +265,13 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     for name, vector, extra in (("best", state.best_vector, best), ("latest", state.vector, {})):
         save_meta(out / name, mixer.unflatten(vector, like), opt_config, names, shapes, state.lr0, horizon,
                   **info, **extra)
+
+
+def seconds_by_phase(state: TrainState) -> dict[str, float]:
+    """Where the meta-training time went: the λ0 and α sweeps, validations, and the meta-iterations (the rest)."""
+    sweeps = sum(s["seconds"] for s in (state.lr0_sweep, state.horizon_sweep) if s)
+    return {"sweeps": sweeps, "validation": state.validation_total,
+            "meta_iterations": max(0.0, state.seconds - sweeps - state.validation_total)}
 
 
 def _tensorboard(out: Path) -> Any:
@@ -334,6 +344,7 @@ def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner
     values, steps = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent)
     state.steps += steps
     state.validation_seconds = run.agree(time.perf_counter() - start)
+    state.validation_total += state.validation_seconds
     score = validation_score(values, state.untrained_validation)
     if score < state.best_score:
         state.best_vector, state.best_validation = state.vector.clone(), values
@@ -379,6 +390,8 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
             bar.total = min(cfg.iterations, state.iteration + max(0, int((budget - state.seconds) / took)))
         bar.set_postfix(objective=f"{est.objective:.4g}", best=f"{state.best_score:+.3f}")
         bar.update(1)
+        if last:  # its final validation is done: another iteration would need another one past the budget
+            break
     bar.close()
     if writer is not None:
         writer.close()
