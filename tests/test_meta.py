@@ -469,7 +469,6 @@ time.sleep(120)
 """,
     "evaluate": """
 import time
-import types
 import l3rs
 from l3rs.evaluate import tuning
 from l3rs.evaluate.methods import BASELINES
