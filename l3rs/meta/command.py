@@ -139,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
                  f"untrained {info['untrained_validation']:.4g}")
         print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
-        split = info.get("seconds_by_phase")
-        if split:  # the budget's split: validation and sweeps can leave the meta-gradient little of it
-            print("time: " + ", ".join(f"{name.replace('_', '-')} {sec:.0f} s" for name, sec in split.items()))
+        split = info["seconds_by_phase"]  # validation and sweeps can leave the meta-gradient little of the budget
+        print("time: " + ", ".join(f"{name.replace('_', '-')} {sec:.0f} s" for name, sec in split.items()))
     return 0
