@@ -308,7 +308,7 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
         state = broadcast(lambda: _open(out, cfg, resume), runner.rank, runner.world)
         if state is None:
             if progress and runner.rank == 0 and cfg.lr0 is None:
-                tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS over {list(cfg.lr0_grid)}"
+                tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
                            + (f", then at {LONG_SWEEP:g}x the horizon to fit α" if cfg.horizon_exponent is None
                               else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)

@@ -1,0 +1,89 @@
+"""How reliable is the α sweep? Per-seed validation losses of the untrained L3RS at 4x a task's horizon over the
+long sweep's points (λ0 / ratio^k), on more training seeds than meta-training uses; then what
+`l3rs.meta.sweeps.horizon_exponent_fit` (the library's own code) fits from every pair of them. Prints JSON.
+
+λ0 is the task's swept one (`--lr0` skips that sweep). The pairs replay the library's seed-count, its steps down
+and its margin on the stored losses, so the spread of α over pairs is the spread a meta-training run meets.
+
+    python benchmarks/alpha_sweep.py [--tasks cnn04-mnist59,mnistcnn-digits] [--seeds 6] [--lr0 0.09]
+        [--workers 2] > out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+from typing import Any
+
+import torch
+
+from l3rs import mixer, tasks
+from l3rs.io import machine
+from l3rs.meta.config import MetaConfig
+from l3rs.meta.distributed import Runner
+from l3rs.meta.sweeps import LONG_SWEEP, LONG_SWEEP_POINTS, LONG_SWEEP_SEEDS, horizon_exponent_fit
+from l3rs.meta.train import optimizer_config, tune_lr0
+from l3rs.meta.unroll import Job, Result, Worker
+from l3rs.seeds import seed_of
+
+
+def per_seed_losses(task: str, lr0: float, seeds: int, workers: int) -> tuple[float, list[list[float]]]:
+    """(grid ratio, losses[seed][k]) of the untrained L3RS at λ0 / ratio^k, k < LONG_SWEEP_POINTS, at 4x."""
+    cfg = MetaConfig(workers=workers)
+    family = tasks.family(task)
+    horizon = family.base.horizon
+    config = optimizer_config(cfg, horizon)
+    ratio = (cfg.lr0_grid[-1] / cfg.lr0_grid[0]) ** (1 / (len(cfg.lr0_grid) - 1))
+    lrs = [lr0 / ratio**k for k in range(LONG_SWEEP_POINTS)]
+    steps = round(LONG_SWEEP * horizon)
+    run_seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(seeds)]
+    runner = Runner(Worker(family, config, cfg.first_order, cfg.val_subset, None), workers)
+    try:
+        tensors = sum(p.requires_grad for p in family.base.model_fn(0).parameters())
+        vector = mixer.flatten(config.init_meta(tensors, cfg.seed))  # meta-training's untrained optimizer
+        results = runner([Job(None, r, vector, lr, steps, steps, "val_loss") for r in run_seeds for lr in lrs])
+    finally:
+        runner.close()
+    return ratio, [[results[i * len(lrs) + k].objective for k in range(len(lrs))] for i in range(seeds)]
+
+
+def replay(losses: list[list[float]], seeds: tuple[int, ...], lr0: float, ratio: float) -> float:
+    """The α `horizon_exponent_fit` fits when its training seeds are `seeds` of the table."""
+    cfg = MetaConfig()
+    run_seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(LONG_SWEEP_SEEDS)]
+
+    def run(jobs: list[Job]) -> list[Result]:
+        def loss(job: Job) -> float:
+            k = round(math.log(lr0 / job.lr0) / math.log(ratio))
+            return losses[seeds[run_seeds.index(job.run_seed)]][k]
+        return [Result(loss(j), 0.0, None, None, j.steps) for j in jobs]
+
+    return horizon_exponent_fit(cfg, 1, torch.zeros(1), lr0, run)["horizon_exponent"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="cnn04-mnist59,mnistcnn-digits,minilm-chatterbot,mlp-mnist1d-shift")
+    parser.add_argument("--seeds", type=int, default=6, help="training seeds per point (the sweep uses the first)")
+    parser.add_argument("--lr0", type=float, default=None, help="λ0 (default: each task's λ0 sweep)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    out: dict[str, Any] = {"machine": machine(), "multiple": LONG_SWEEP, "sweep_seeds": LONG_SWEEP_SEEDS, "tasks": {}}
+    for task in args.tasks.split(","):
+        lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers))
+        ratio, losses = per_seed_losses(task, lr0, args.seeds, args.workers)
+        pairs = list(itertools.combinations(range(args.seeds), LONG_SWEEP_SEEDS))
+        alphas = [replay(losses, pair, lr0, ratio) for pair in pairs]
+        out["tasks"][task] = {
+            "lr0": lr0, "lrs": [lr0 / ratio**k for k in range(len(losses[0]))], "losses": losses,
+            "mean": [statistics.mean(col) for col in zip(*losses, strict=True)],
+            "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
+            "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
