@@ -73,7 +73,7 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any) -> dict[s
         inside = [lr for lr in nominal if (lr < grid[0] if down else lr > grid[-1])]
         if inside:
             lr = inside[-1] if down else inside[0]
-        elif extensions < GRID_EXTENSIONS and len(grid) > 1:
+        elif extensions < GRID_EXTENSIONS:
             lr = grid[0] ** 2 / grid[1] if down else grid[-1] ** 2 / grid[-2]
             extensions += 1
         else:
