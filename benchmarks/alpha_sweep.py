@@ -24,10 +24,16 @@ from l3rs import mixer, tasks
 from l3rs.io import machine
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner
-from l3rs.meta.sweeps import LONG_SWEEP, LONG_SWEEP_POINTS, LONG_SWEEP_SEEDS, horizon_exponent_fit
+from l3rs.meta.sweeps import (
+    LONG_SWEEP,
+    LONG_SWEEP_POINTS,
+    LONG_SWEEP_SEEDS,
+    grid_ratio,
+    horizon_exponent_fit,
+    sweep_seeds,
+)
 from l3rs.meta.train import optimizer_config, tune_lr0
 from l3rs.meta.unroll import Job, Result, Worker
-from l3rs.seeds import seed_of
 
 
 def per_seed_losses(task: str, lr0: float, seeds: int, workers: int) -> tuple[float, list[list[float]]]:
@@ -36,10 +42,10 @@ def per_seed_losses(task: str, lr0: float, seeds: int, workers: int) -> tuple[fl
     family = tasks.family(task)
     horizon = family.base.horizon
     config = optimizer_config(cfg, horizon)
-    ratio = (cfg.lr0_grid[-1] / cfg.lr0_grid[0]) ** (1 / (len(cfg.lr0_grid) - 1))
+    ratio = grid_ratio(cfg.lr0_grid)
     lrs = [lr0 / ratio**k for k in range(LONG_SWEEP_POINTS)]
     steps = round(LONG_SWEEP * horizon)
-    run_seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(seeds)]
+    run_seeds = sweep_seeds(cfg, seeds)
     runner = Runner(Worker(family, config, cfg.first_order, cfg.val_subset, None), workers)
     try:
         tensors = sum(p.requires_grad for p in family.base.model_fn(0).parameters())
@@ -53,7 +59,7 @@ def per_seed_losses(task: str, lr0: float, seeds: int, workers: int) -> tuple[fl
 def replay(losses: list[list[float]], seeds: tuple[int, ...], lr0: float, ratio: float) -> float:
     """The α `horizon_exponent_fit` fits when its training seeds are `seeds` of the table."""
     cfg = MetaConfig()
-    run_seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(LONG_SWEEP_SEEDS)]
+    run_seeds = sweep_seeds(cfg, LONG_SWEEP_SEEDS)
 
     def run(jobs: list[Job]) -> list[Result]:
         def loss(job: Job) -> float:

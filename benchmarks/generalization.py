@@ -128,7 +128,7 @@ def main() -> None:
         evaluation = json.loads((out / name / "eval" / "evaluation.json").read_text())
         info = json.loads((best / "optimizer.json").read_text())
         report["tasks"][name] = {"meta_train_seconds": info["meta_train_seconds"], "iterations": info["iteration"],
-                                 "seconds_by_phase": info.get("seconds_by_phase"),
+                                 "seconds_by_phase": info["seconds_by_phase"],
                                  "best_iteration": info["best_iteration"], "rows": rows_of(evaluation),
                                  "lambda_shape": lambda_shape(best, tasks.get(name))}
         save_json(report, out / "generalization.json")  # partial results survive a later failure

@@ -27,9 +27,8 @@ from l3rs.finetune import finetune
 from l3rs.io import single_thread
 from l3rs.meta import MetaConfig, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
-from l3rs.meta.sweeps import horizon_exponent_fit, lr0_sweep
+from l3rs.meta.sweeps import horizon_exponent_fit, lr0_sweep, sweep_seeds
 from l3rs.meta.unroll import Result, linearized_grad
-from l3rs.seeds import seed_of
 from l3rs.tasks import Task, TaskFamily
 
 TESTS = Path(__file__).parent
@@ -288,7 +287,7 @@ def test_one_seeds_spurious_gain_at_the_long_horizon_keeps_alpha_zero():
     # measured 4x losses of the untrained optimizer on cnn04 (two training seeds, λ0 / ratio^k): the first
     # seed alone beats λ0 by 34% two grid steps down, the mean of both by 16% (the mean of 6 seeds was flat)
     rows = {0: [0.1549, 0.1224, 0.1155, 0.1269, 0.1501], 1: [0.1345, 0.1452, 0.1345, 0.1298, 0.1633]}
-    seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(2)]
+    seeds = sweep_seeds(cfg, 2)
 
     def run(jobs):
         return [Result(rows[seeds.index(j.run_seed)][round(math.log(0.09 / j.lr0) / math.log(ratio))], 0.0,

@@ -37,11 +37,21 @@ LONG_SWEEP_SEEDS = 2
 LONG_SWEEP_MARGIN = 0.2
 
 
+def sweep_seeds(cfg: MetaConfig, count: int) -> list[int]:
+    """The head seeds of the sweeps' first `count` runs per λ (training seeds, never validation's)."""
+    return [seed_of(cfg.seed, "sweep-run", k) for k in range(count)]
+
+
+def grid_ratio(grid: tuple[float, ...]) -> float:
+    """The mean step of a λ grid (√10 for a single point): the long sweep's steps down from λ0."""
+    return (grid[-1] / grid[0]) ** (1 / (len(grid) - 1)) if len(grid) > 1 else math.sqrt(10.0)
+
+
 def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float], run: Any,
                   seeds: int | None = None) -> tuple[list[float], int]:
     """(mean validation loss per λ0, steps spent) of the untrained L3RS over `steps`-step runs on `seeds`
     (default cfg.lr0_seeds) training seeds."""
-    seeds = [seed_of(cfg.seed, "sweep-run", k) for k in range(seeds or cfg.lr0_seeds)]
+    seeds = sweep_seeds(cfg, seeds or cfg.lr0_seeds)
     results = run([Job(None, r, vector, lr, steps, steps, "val_loss") for lr in lrs for r in seeds])
     return mean_objectives(results, len(seeds)), sum(r.steps for r in results)
 
@@ -95,8 +105,7 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
     edge or where the three are not convex): α is continuous in [0, (points − 1) · log(ratio) /
     log(LONG_SWEEP)] with ratio the grid's mean step. α = 0 unless the best beats λ0 by LONG_SWEEP_MARGIN."""
     start = time.perf_counter()
-    grid = cfg.lr0_grid
-    ratio = (grid[-1] / grid[0]) ** (1 / (len(grid) - 1)) if len(grid) > 1 else math.sqrt(10.0)
+    ratio = grid_ratio(cfg.lr0_grid)
     lrs = [lr0 / ratio**k for k in range(min(LONG_SWEEP_START, LONG_SWEEP_POINTS))]
     steps = max(1, round(LONG_SWEEP * horizon))
     losses, spent = _sweep_losses(cfg, steps, vector, lrs, run, LONG_SWEEP_SEEDS)
