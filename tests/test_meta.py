@@ -575,3 +575,29 @@ def test_the_budget_ends_with_one_final_validation(tmp_path, monkeypatch):
     validated = [r["iteration"] for r in lines[1:] if r["validation"] is not None]
     assert validated == [lines[-1]["iteration"]] == [5]  # 1 s of untrained validation + 4 × 5 s, then the last
     assert lines[-1]["elapsed"] <= 30
+
+
+def test_a_due_validation_ends_the_run_when_another_would_not_fit(tmp_path, monkeypatch):
+    """Fake clock: an iteration costs 1 s, a validation 10 s, 30 s of budget; validations are due at iterations
+    2, 4, 8. After the untrained validation (10 s) and 2 iterations, the one due at iteration 2 (22 s) must be
+    the last: one more iteration would need its own final validation (33 s)."""
+    module = sys.modules["l3rs.meta.train"]
+    clock = [0.0]
+    estimator, validate = module.ESTIMATORS["bptt"], module.validate
+
+    def quick_estimator(*args, **kwargs):
+        clock[0] += 1.0
+        return estimator(*args, **kwargs)
+
+    def slow_validate(*args, **kwargs):
+        clock[0] += 10.0
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setitem(module.ESTIMATORS, "bptt", quick_estimator)
+    monkeypatch.setattr(module, "validate", slow_validate)
+    cfg = small(iterations=100, validate_every=8, budget_minutes=0.5, horizon_exponent=0.0)
+    train(stiff_task(), tmp_path, cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines[1:] if r["validation"] is not None] == [2] == [lines[-1]["iteration"]]
+    assert lines[-1]["elapsed"] <= 30

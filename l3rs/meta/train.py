@@ -371,10 +371,13 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
         state.iteration += 1
         state.particles, state.steps = est.particles, state.steps + est.steps
         took = run.agree(time.perf_counter() - start)
-        # the last iteration that fits the budget together with its final validation
-        last = state.iteration == cfg.iterations or state.seconds + 2 * took + state.validation_seconds > budget
+        # the last iteration that fits the budget together with its final validation (and with this one's,
+        # when one is due now: another iteration would then need a second)
+        due = validation_due(state.iteration, cfg.validate_every)
+        last = (state.iteration == cfg.iterations
+                or state.seconds + 2 * took + (1 + due) * state.validation_seconds > budget)
         score, values = None, None
-        if validation_due(state.iteration, cfg.validate_every) or last:
+        if due or last:
             score, values = _validate_into(state, cfg, horizon, run)
         took = run.agree(time.perf_counter() - start)
         state.seconds += took
