@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
-from l3rs.evaluate.reuse import other_task, read_previous, reusable, task_fingerprint
+from l3rs.evaluate.reuse import read_previous, reusable, task_fingerprint
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -200,11 +200,12 @@ def evaluate(
         bootstrap={"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": 0.95},
         baselines_from=None if baselines_from is None else str(baselines_from))
     prints = [task_fingerprint(s.task, EVAL_SEED) for s in plan]
-    reuse = [reusable(previous, settings, s.label, n, methods, f) for s, n, f in zip(plan, steps, prints, strict=True)]
-    for s, n, f in zip(plan, steps, prints, strict=True):
-        if other_task(previous, s.label, n, f):
+    found = [reusable(previous, settings, s.label, n, methods, f) for s, n, f in zip(plan, steps, prints, strict=True)]
+    for s, reused in zip(plan, found, strict=True):
+        if reused is None:
             tqdm.write(f"evaluate: baselines of {s.label} not reused: {baselines_from} ran it on other data or "
                        "another pretrained model (or did not record which); running them here", file=sys.stderr)
+    reuse = [reused or {} for reused in found]
     settings.reused = [f"{s.label}/{name}" for s, reused in zip(plan, reuse, strict=True) for name in reused]
     planned = sum(n * planned_runs([m for m in methods if m.name not in reused], seeds)
                   for n, reused in zip(steps, reuse, strict=True))

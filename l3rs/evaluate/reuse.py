@@ -87,22 +87,17 @@ def _same_scenario(previous: EvaluationResult, label: str, steps: int) -> Scenar
     return next((s for s in previous.scenarios if (s.label, s.steps, s.eval_steps) == key), None)
 
 
-def other_task(previous: EvaluationResult | None, label: str, steps: int, fingerprint: str) -> bool:
-    """Whether `previous` ran scenario `label` on other data or another model (or did not record which)."""
-    old = None if previous is None else _same_scenario(previous, label, steps)
-    return old is not None and old.fingerprint != fingerprint
-
-
 def reusable(previous: EvaluationResult | None, settings: Settings, label: str, steps: int,
-             methods: list[Method], fingerprint: str) -> dict[str, MethodResult]:
+             methods: list[Method], fingerprint: str) -> dict[str, MethodResult] | None:
     """Those of `methods` whose results in `previous` a new `steps`-step run of scenario `label` would
     reproduce (only their `tuning` and `runs` count: everything else is recomputed from the merged runs):
-    same scenario, protocol and task fingerprint."""
-    if previous is None:
+    same scenario, protocol and task fingerprint. None: `previous` ran this scenario on other data or another
+    model (or did not record which)."""
+    old = None if previous is None else _same_scenario(previous, label, steps)
+    if old is None:
         return {}
-    old = _same_scenario(previous, label, steps)
-    if old is None or old.fingerprint != fingerprint:
-        return {}
+    if old.fingerprint != fingerprint:
+        return None
     return {m.name: _restore(old.methods[m.name]) for m in methods
             if m.reusable and m.name in old.methods and old.methods[m.name].kind == m.kind
             and same_protocol(previous.settings, settings, m)}
