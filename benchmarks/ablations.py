@@ -44,6 +44,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "fixed-length": (["--horizon-range", "1,1"], "sampled run lengths (every run at the horizon)"),
     "plain-objective": (["--no-log-objective", "--end-weight", "1"], "the end-weighted log objective"),
     "select-1x": (["--validation-horizons", "1"], "checkpoint selection at 1x and 4x (1x only)"),
+    "adam-only": (["--bases", "adam"], "the blend of base directions (Adam's alone)"),
 }
 
 
