@@ -551,53 +551,39 @@ def test_worker_processes_exit_when_their_parent_is_killed(pool, tiny, tiny_task
     assert not any(map(_running, workers))
 
 
-def test_the_budget_ends_with_one_final_validation(tmp_path, monkeypatch):
-    """On a fake clock (an iteration costs 5 s, a validation 1 s, 30 s of budget) the run stops after the
-    validation that its budget reserved room for, instead of starting an iteration that needs another one."""
+def _budget_run(tmp_path, monkeypatch, iteration_s: float, validation_s: float, validate_every: int) -> list[dict]:
+    """metrics.jsonl of a 30 s budget run on a fake clock where an iteration and a validation cost what is given."""
     module = sys.modules["l3rs.meta.train"]
     clock = [0.0]
     estimator, validate = module.ESTIMATORS["bptt"], module.validate
 
-    def slow_estimator(*args, **kwargs):
-        clock[0] += 5.0
-        return estimator(*args, **kwargs)
-
-    def quick_validate(*args, **kwargs):
-        clock[0] += 1.0
-        return validate(*args, **kwargs)
+    def timed(fn, seconds):
+        def call(*args, **kwargs):
+            clock[0] += seconds
+            return fn(*args, **kwargs)
+        return call
 
     monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setitem(module.ESTIMATORS, "bptt", slow_estimator)
-    monkeypatch.setattr(module, "validate", quick_validate)
-    cfg = small(iterations=100, validate_every=100, budget_minutes=0.5, horizon_exponent=0.0)
+    monkeypatch.setitem(module.ESTIMATORS, "bptt", timed(estimator, iteration_s))
+    monkeypatch.setattr(module, "validate", timed(validate, validation_s))
+    cfg = small(iterations=100, validate_every=validate_every, budget_minutes=0.5, horizon_exponent=0.0)
     train(stiff_task(), tmp_path, cfg, progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_budget_ends_with_one_final_validation(tmp_path, monkeypatch):
+    """An iteration costs 5 s, a validation 1 s: the run stops after the validation that its budget reserved room
+    for, instead of starting an iteration that needs another one."""
+    lines = _budget_run(tmp_path, monkeypatch, iteration_s=5.0, validation_s=1.0, validate_every=100)
     validated = [r["iteration"] for r in lines[1:] if r["validation"] is not None]
     assert validated == [lines[-1]["iteration"]] == [5]  # 1 s of untrained validation + 4 × 5 s, then the last
     assert lines[-1]["elapsed"] <= 30
 
 
 def test_a_due_validation_ends_the_run_when_another_would_not_fit(tmp_path, monkeypatch):
-    """Fake clock: an iteration costs 1 s, a validation 10 s, 30 s of budget; validations are due at iterations
-    2, 4, 8. After the untrained validation (10 s) and 2 iterations, the one due at iteration 2 (22 s) must be
-    the last: one more iteration would need its own final validation (33 s)."""
-    module = sys.modules["l3rs.meta.train"]
-    clock = [0.0]
-    estimator, validate = module.ESTIMATORS["bptt"], module.validate
-
-    def quick_estimator(*args, **kwargs):
-        clock[0] += 1.0
-        return estimator(*args, **kwargs)
-
-    def slow_validate(*args, **kwargs):
-        clock[0] += 10.0
-        return validate(*args, **kwargs)
-
-    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setitem(module.ESTIMATORS, "bptt", quick_estimator)
-    monkeypatch.setattr(module, "validate", slow_validate)
-    cfg = small(iterations=100, validate_every=8, budget_minutes=0.5, horizon_exponent=0.0)
-    train(stiff_task(), tmp_path, cfg, progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    """An iteration costs 1 s, a validation 10 s; validations are due at iterations 2, 4, 8. After the untrained
+    validation (10 s) and 2 iterations, the one due at iteration 2 (22 s) must be the last: one more iteration
+    would need its own final validation (33 s)."""
+    lines = _budget_run(tmp_path, monkeypatch, iteration_s=1.0, validation_s=10.0, validate_every=8)
     assert [r["iteration"] for r in lines[1:] if r["validation"] is not None] == [2] == [lines[-1]["iteration"]]
     assert lines[-1]["elapsed"] <= 30
