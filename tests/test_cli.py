@@ -32,7 +32,7 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0 and proc.stdout.strip() == "0.1.0"
 
 
-def test_readme_user_task_example_meta_trains_through_the_cli(tmp_path, monkeypatch):
+def test_readme_user_task_example_meta_trains_through_the_cli(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
     import l3rs
@@ -42,6 +42,8 @@ def test_readme_user_task_example_meta_trains_through_the_cli(tmp_path, monkeypa
     argv = ["meta-train", "--task", "examples.user_task:make_task", "--out", str(out), "--iterations", "3",
             "--horizon", "12", "--lr0", "1e-3", "--workers", "1", "--no-progress"]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "validation seed by seed at 12, 48 steps: kept " in printed and "; untrained " in printed
     task = l3rs.tasks.get("examples.user_task:make_task")
     opt = l3rs.L3RS.from_pretrained(out / "best", task.model_fn(1).named_parameters())
     assert set(opt.coefficients()) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}

@@ -16,8 +16,8 @@ from test_meta import H, small, stiff_task
 from l3rs import L3RS, features, functional
 from l3rs.meta import MetaConfig, train
 from l3rs.meta.estimators import Context, bptt, draw_horizon, end_weight
-from l3rs.meta.train import validation_due, validation_score
 from l3rs.meta.unroll import Worker
+from l3rs.meta.validation import validation_due, validation_score
 from l3rs.optim import CheckpointError, load_meta
 from l3rs.tasks import TaskFamily, builtin, data
 
@@ -134,7 +134,7 @@ def test_validation_score_compares_every_horizon_to_the_untrained_optimizer():
 
 def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     cfg = small(estimator="bptt", iterations=4, validate_every=2, validation_horizons=(1.0, 2.0),
-                horizon_range=(0.5, 2.0))
+                horizon_range=(0.5, 2.0), validation_seeds=2)
     best = train(stiff_task(), tmp_path, cfg, progress=False)
     info = json.loads((best / "optimizer.json").read_text())
     assert info["validation_horizons"] == [H, 2 * H]
@@ -148,6 +148,11 @@ def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["validation_score"] is not None for r in lines[1:]] == [True, True, False, True]
     assert [len(r["validation"] or []) for r in lines[1:]] == [2, 2, 0, 2]  # the loss at each horizon
+    for record in [r for r in lines if r["validation"]]:  # each mean and the two seeds' values behind it
+        assert [statistics.mean(row) for row in record["validation_by_seed"]] == pytest.approx(record["validation"])
+        assert [len(row) for row in record["validation_by_seed"]] == [2, 2]
+    assert info["untrained_validation_by_seed"] == lines[0]["validation_by_seed"]
+    assert info["validation_by_seed"] == lines[info["best_iteration"]]["validation_by_seed"]
 
 
 def test_validation_is_due_early_then_every_n_iterations():

@@ -121,6 +121,11 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
         raise UsageError(f"meta-train: {e}") from None
 
 
+def _by_seed(values: list[list[float]]) -> str:
+    """Per-seed validation values, horizons separated by |."""
+    return " | ".join(" ".join(f"{v:.4g}" for v in row) for row in values)
+
+
 def run(args: argparse.Namespace) -> int:
     from l3rs.meta.train import train
     from l3rs.tasks import resolve
@@ -139,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
                  f"untrained {info['untrained_validation']:.4g}")
         print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
+        if info.get("untrained_validation_by_seed"):  # one run's final loss is noisy: show the seeds behind the means
+            kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
+            print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
+                  f"kept {kept}; untrained {_by_seed(info['untrained_validation_by_seed'])}")
         split = info["seconds_by_phase"]  # validation and sweeps can leave the meta-gradient little of the budget
         print("time: " + ", ".join(f"{name.replace('_', '-')} {sec:.0f} s" for name, sec in split.items()))
     return 0

@@ -31,13 +31,13 @@ from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
 from l3rs.meta.sweeps import LONG_SWEEP, horizon_exponent_fit, long_sweep_steps, lr0_sweep
-from l3rs.meta.unroll import Job, Worker, mean_objectives, pack, unpack
+from l3rs.meta.unroll import Worker, pack, unpack
+from l3rs.meta.validation import Validation, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
 from l3rs.tasks import Task, TaskFamily
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
-VALIDATION_SEED = 2**61  # held-out seeds are >= this; training seeds (seed_of) are below it
 _TENSORS = ("vector", "adam_m", "adam_v", "best_vector")
 
 
@@ -64,6 +64,9 @@ class TrainState:
     validation_total: float = 0.0  # what every validation so far took (reported: where the budget went)
     horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
     horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
+    # each validation seed's value per horizon, untrained and best (how far the mean is from noise)
+    untrained_validation_by_seed: list[list[float]] | None = None
+    best_validation_by_seed: list[list[float]] | None = None
     particles: Particles | None = None
 
     def to_doc(self) -> dict[str, Any]:
@@ -106,30 +109,6 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
         runner.close()
 
 
-def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
-             horizon_exponent: float = 0.0) -> tuple[list[float], int]:
-    """(mean objective per validation horizon, steps) of full unrolls on held-out head seeds of the family's
-    base task (val loss, or error for val_metric); a horizon with a diverged run reads inf.
-
-    The base task, not perturbed family samples: the kept checkpoint must be the best for the environment
-    the optimizer is made for (perturbed samples only diversify the meta-gradient)."""
-    objective = "val_metric" if cfg.objective == "val_metric" else "val_loss"
-    lengths = [max(1, round(m * horizon)) for m in cfg.validation_horizons]
-    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent)
-            for n in lengths for k in range(cfg.validation_seeds)]
-    results = run(jobs)
-    return mean_objectives(results, cfg.validation_seeds), sum(r.steps for r in results)
-
-
-def validation_score(values: list[float], untrained: list[float]) -> float:
-    """The worst validation horizon's log(value / untrained value). The untrained optimizer scores 0: a
-    meta-trained checkpoint is kept only when it beats it at every horizon (a mean let a large gain at 4x
-    buy a loss at 1x)."""
-    if not all(map(math.isfinite, values)):
-        return math.inf
-    return max(math.log(max(v, 1e-12) / max(u, 1e-12)) for v, u in zip(values, untrained, strict=True))
-
-
 # ------------------------------------------------------------------------------------------ state
 def _fits(cfg: MetaConfig, sweep: dict[str, Any] | None, steps: float, spent: float, run: Any,
           share: float = 1.0) -> bool:
@@ -141,14 +120,10 @@ def _fits(cfg: MetaConfig, sweep: dict[str, Any] | None, steps: float, spent: fl
     return run.agree(spent) + pace * steps <= share * 60 * cfg.budget_minutes
 
 
-def _validation_steps(cfg: MetaConfig, horizon: int) -> float:
-    return cfg.validation_seeds * sum(cfg.validation_horizons) * horizon
-
-
 def _long_sweep_fits(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None, run: Any) -> bool:
     """Whether the α sweep and the first validation fit 80% of the budget together with the λ0 sweep;
     otherwise α stays 0 (λ0 at any length)."""
-    steps = long_sweep_steps(horizon) + _validation_steps(cfg, horizon)
+    steps = long_sweep_steps(horizon) + validation_steps(cfg, horizon)
     return sweep is None or _fits(cfg, sweep, steps, sweep["seconds"], run, 0.8)
 
 
@@ -162,17 +137,19 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run)
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent or 0.0
     validation_start = time.perf_counter()
-    val, val_steps, validation_seconds = None, 0, 0.0
+    val, validation_seconds = None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
-    if cfg.iterations > 0 and _fits(cfg, sweep, 2 * _validation_steps(cfg, horizon), validation_start - start, run):
-        val, val_steps = validate(cfg, horizon, vector, lr0, run, exponent)
+    if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
+        val = validate(cfg, horizon, vector, lr0, run, exponent)
         validation_seconds = time.perf_counter() - validation_start
+    values, by_seed = (val.values, val.by_seed) if val else (None, None)
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
-                      best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=val,
-                      best_validation=val, best_score=0.0, best_iteration=0, seconds=time.perf_counter() - start,
-                      steps=val_steps + sum(s["steps"] for s in (sweep, fit) if s),
+                      best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=values,
+                      best_validation=values, best_score=0.0, best_iteration=0, seconds=time.perf_counter() - start,
+                      steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, fit) if s),
                       validation_seconds=validation_seconds, validation_total=validation_seconds,
-                      horizon_exponent=exponent, horizon_sweep=fit)
+                      horizon_exponent=exponent, horizon_sweep=fit, untrained_validation_by_seed=by_seed,
+                      best_validation_by_seed=by_seed)
 
 
 def _save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
@@ -257,10 +234,11 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
             "untrained_validation": state.untrained_validation and state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,
+            "untrained_validation_by_seed": state.untrained_validation_by_seed,
             "seconds_by_phase": seconds_by_phase(state),
             "meta_config": {k: v for k, v in cfg.to_dict().items() if k != "config"}}  # to re-run ablations
     best = {"validation": state.best_validation and state.best_validation[0],
-            "validation_by_horizon": state.best_validation,
+            "validation_by_horizon": state.best_validation, "validation_by_seed": state.best_validation_by_seed,
             "validation_score": state.best_score, "best_iteration": state.best_iteration}
     for name, vector, extra in (("best", state.best_vector, best), ("latest", state.vector, {})):
         save_meta(out / name, mixer.unflatten(vector, like), opt_config, names, shapes, state.lr0, horizon,
@@ -321,6 +299,7 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                            "ships with the swept λ0; give a larger --budget-minutes to meta-train")
             if runner.rank == 0:
                 _log(out, {"iteration": 0, "objective": None, "validation": state.untrained_validation,
+                           "validation_by_seed": state.untrained_validation_by_seed,
                            "validation_score": 0.0, "best_score": 0.0, "seconds": state.seconds,
                            "elapsed": state.seconds, "steps": state.steps, "lr0": state.lr0,
                            "lr0_sweep": state.lr0_sweep, "horizon_exponent": state.horizon_exponent,
@@ -331,25 +310,19 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
     return out / "best"
 
 
-def validation_due(iteration: int, every: int) -> bool:
-    """Every `every` iterations, and twice before the first of those (at a quarter and a half): the first
-    iterations often help most before a noisy meta-gradient overshoots, so they get their own checks."""
-    return iteration % every == 0 or (iteration < every and iteration in (every // 4, every // 2))
-
-
-def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner) -> tuple[float, list[float]]:
-    """Validate the current meta-parameters; keep them as best if they score better.
-    Returns (score, validation loss per horizon)."""
+def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner) -> tuple[float, Validation]:
+    """Validate the current meta-parameters; keep them as best if they score better. Returns (score, it)."""
     start = time.perf_counter()
-    values, steps = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent)
-    state.steps += steps
+    val = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent)
+    state.steps += val.steps
     state.validation_seconds = run.agree(time.perf_counter() - start)
     state.validation_total += state.validation_seconds
-    score = validation_score(values, state.untrained_validation)
+    score = validation_score(val.values, state.untrained_validation)
     if score < state.best_score:
-        state.best_vector, state.best_validation = state.vector.clone(), values
+        state.best_vector, state.best_validation = state.vector.clone(), val.values
+        state.best_validation_by_seed = val.by_seed
         state.best_score, state.best_iteration = score, state.iteration
-    return score, values
+    return score, val
 
 
 def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, out: Path,
@@ -376,13 +349,13 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
         due = validation_due(state.iteration, cfg.validate_every)
         last = (state.iteration == cfg.iterations
                 or state.seconds + 2 * took + (1 + due) * state.validation_seconds > budget)
-        score, values = None, None
+        score, val = None, None
         if due or last:
-            score, values = _validate_into(state, cfg, horizon, run)
+            score, val = _validate_into(state, cfg, horizon, run)
         took = run.agree(time.perf_counter() - start)
         state.seconds += took
-        record = {"iteration": state.iteration, "objective": est.objective, "validation": values,
-                  "validation_score": score,
+        record = {"iteration": state.iteration, "objective": est.objective, "validation": val.values if val else None,
+                  "validation_by_seed": val.by_seed if val else None, "validation_score": score,
                   "best_score": state.best_score, "grad_norm": norm, "seconds": took, "elapsed": state.seconds,
                   "steps": state.steps, "lr0": state.lr0}
         if lead:

@@ -1,0 +1,61 @@
+"""Held-out validation of meta-training: which checkpoint ships as `best/`, and when it is checked.
+
+Full runs on held-out head seeds (>= VALIDATION_SEED) of the family's base task at each validation horizon,
+scored against the untrained optimizer on the same seeds. One run's final loss is noisy (on cnn04 rounding alone
+moves it by up to 5%, the seed by 10-30%: docs/RESULTS.md, sessions 17 and 19), so each seed's value is kept
+next to the mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from l3rs.meta.config import MetaConfig
+from l3rs.meta.unroll import Job, mean_objectives
+
+VALIDATION_SEED = 2**61  # held-out seeds are >= this; training seeds (seed_of) are below it
+
+
+class Validation(NamedTuple):
+    values: list[float]  # mean objective per validation horizon (inf: a run diverged)
+    by_seed: list[list[float]]  # per validation horizon, each validation seed's objective
+    steps: int  # fine-tuning steps spent
+
+
+def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
+             horizon_exponent: float = 0.0) -> Validation:
+    """Full unrolls on held-out head seeds of the family's base task (val loss, or error for val_metric).
+
+    The base task, not perturbed family samples: the kept checkpoint must be the best for the environment
+    the optimizer is made for (perturbed samples only diversify the meta-gradient)."""
+    objective = "val_metric" if cfg.objective == "val_metric" else "val_loss"
+    lengths = [max(1, round(m * horizon)) for m in cfg.validation_horizons]
+    seeds = cfg.validation_seeds
+    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent)
+            for n in lengths for k in range(seeds)]
+    results = run(jobs)
+    by_seed = [[r.objective for r in results[i:i + seeds]] for i in range(0, len(results), seeds)]
+    return Validation(mean_objectives(results, seeds), by_seed, sum(r.steps for r in results))
+
+
+def validation_score(values: list[float], untrained: list[float]) -> float:
+    """The worst validation horizon's log(value / untrained value). The untrained optimizer scores 0: a
+    meta-trained checkpoint is kept only when it beats it at every horizon (a mean let a large gain at 4x
+    buy a loss at 1x)."""
+    if not all(map(math.isfinite, values)):
+        return math.inf
+    return max(math.log(max(v, 1e-12) / max(u, 1e-12)) for v, u in zip(values, untrained, strict=True))
+
+
+def validation_due(iteration: int, every: int) -> bool:
+    """Every `every` iterations, and twice before the first of those (at a quarter and a half): the first
+    iterations often help most before a noisy meta-gradient overshoots, so they get their own checks."""
+    return iteration % every == 0 or (iteration < every and iteration in (every // 4, every // 2))
+
+
+def validation_steps(cfg: MetaConfig, horizon: int) -> float:
+    """Fine-tuning steps of one validation (budgets plan for it)."""
+    return cfg.validation_seeds * sum(cfg.validation_horizons) * horizon
