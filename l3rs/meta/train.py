@@ -1,4 +1,5 @@
-"""The meta-training loop: λ0 and α sweeps (`sweeps`), estimator steps with Adam, held-out validation, checkpoints.
+"""The meta-training loop: λ0 and α sweeps (`sweeps`), estimator steps with Adam, held-out validation (`validation`),
+checkpoints.
 
     path = train(task_or_family, "runs/digits", MetaConfig(estimator="pes"))  # -> runs/digits/best
 
