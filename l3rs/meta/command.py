@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                  f"untrained {info['untrained_validation']:.4g}")
         print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
-        if info.get("untrained_validation_by_seed"):  # one run's final loss is noisy: show the seeds behind the means
+        if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
                   f"kept {kept}; untrained {_by_seed(info['untrained_validation_by_seed'])}")

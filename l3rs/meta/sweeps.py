@@ -106,7 +106,7 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
     log(LONG_SWEEP)] with ratio the grid's mean step. α = 0 unless the best beats λ0 by LONG_SWEEP_MARGIN."""
     start = time.perf_counter()
     ratio = grid_ratio(cfg.lr0_grid)
-    lrs = [lr0 / ratio**k for k in range(min(LONG_SWEEP_START, LONG_SWEEP_POINTS))]
+    lrs = [lr0 / ratio**k for k in range(LONG_SWEEP_START)]
     steps = max(1, round(LONG_SWEEP * horizon))
     losses, spent = _sweep_losses(cfg, steps, vector, lrs, run, LONG_SWEEP_SEEDS)
     while len(lrs) < LONG_SWEEP_POINTS and _argmin(losses) == len(lrs) - 1:

@@ -200,11 +200,14 @@ class Result(NamedTuple):
     steps: int  # fine-tuning steps spent (a whole-run gradient's replay included)
 
 
+def grouped_objectives(results: list[Result], group: int) -> list[list[float]]:
+    """The objectives of each consecutive `group` of results (the seeds of one setting)."""
+    return [[r.objective for r in results[i:i + group]] for i in range(0, len(results), group)]
+
+
 def mean_objectives(results: list[Result], group: int) -> list[float]:
-    """Mean objective of each consecutive `group` of results (the seeds of one setting); inf for a group
-    holding a diverged run."""
-    chunks = [[r.objective for r in results[i:i + group]] for i in range(0, len(results), group)]
-    return [sum(c) / len(c) if all(map(math.isfinite, c)) else math.inf for c in chunks]
+    """Mean objective of each consecutive `group` of results; inf for a group holding a diverged run."""
+    return [sum(c) / len(c) if all(map(math.isfinite, c)) else math.inf for c in grouped_objectives(results, group)]
 
 
 class Worker:

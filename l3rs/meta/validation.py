@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from l3rs.meta.config import MetaConfig
-from l3rs.meta.unroll import Job, mean_objectives
+from l3rs.meta.unroll import Job, grouped_objectives, mean_objectives
 
 VALIDATION_SEED = 2**61  # held-out seeds are >= this; training seeds (seed_of) are below it
 
@@ -37,8 +37,8 @@ def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any
     jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent)
             for n in lengths for k in range(seeds)]
     results = run(jobs)
-    by_seed = [[r.objective for r in results[i:i + seeds]] for i in range(0, len(results), seeds)]
-    return Validation(mean_objectives(results, seeds), by_seed, sum(r.steps for r in results))
+    return Validation(mean_objectives(results, seeds), grouped_objectives(results, seeds),
+                      sum(r.steps for r in results))
 
 
 def validation_score(values: list[float], untrained: list[float]) -> float:
