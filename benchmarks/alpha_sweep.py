@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from l3rs import mixer, tasks
+from l3rs import tasks
 from l3rs.io import machine
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner
@@ -32,7 +32,7 @@ from l3rs.meta.sweeps import (
     horizon_exponent_fit,
     sweep_seeds,
 )
-from l3rs.meta.train import optimizer_config, tune_lr0
+from l3rs.meta.train import initial_vector, optimizer_config, tune_lr0
 from l3rs.meta.unroll import Job, Result, Worker
 
 
@@ -49,7 +49,7 @@ def per_seed_losses(task: str, lr0: float, seeds: int, workers: int) -> tuple[fl
     runner = Runner(Worker(family, config, cfg.first_order, cfg.val_subset, None), workers)
     try:
         tensors = sum(p.requires_grad for p in family.base.model_fn(0).parameters())
-        vector = mixer.flatten(config.init_meta(tensors, cfg.seed))  # meta-training's untrained optimizer
+        vector = initial_vector(config, cfg.seed, tensors)  # meta-training's untrained (uniform) optimizer
         results = runner([Job(None, r, vector, lr, steps, steps, "val_loss") for r in run_seeds for lr in lrs])
     finally:
         runner.close()

@@ -42,6 +42,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 # annealing, which "rms" removes: long runs then keep stepping at full size); "none": raw directions
 NORMALIZATIONS = ("rms", "snr", "none")
 STEP_BUDGETS = ("shared", "free")
+# A prior that leans on one base gives it this share of the untrained mix: close to that base alone, yet far
+# enough from a saturated softmax that meta-training can still move the mix
+LEAN_WEIGHT = 0.95
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,22 @@ class Config:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**{"step_budget": "free", **d})  # optimizers saved before step_budget existed: free λ
 
-    def init_meta(self, num_tensors: int, seed: int = 0) -> mixer.Meta:
-        """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global")."""
+    def init_meta(self, num_tensors: int, seed: int = 0, lean: str | None = None) -> mixer.Meta:
+        """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global"): a uniform
+        mix, or one that gives the base named `lean` LEAN_WEIGHT of it (the others share the rest alike)."""
         rows = 1 if self.scope == "global" else num_tensors
-        return mixer.init(rows, self.num_features, len(self.bases), self.hidden, self.depth, self.embed_dim, seed)
+        meta = mixer.init(rows, self.num_features, len(self.bases), self.hidden, self.depth, self.embed_dim, seed)
+        if lean is not None and len(self.bases) > 1:
+            if lean not in self.bases:
+                raise ValueError(f"cannot lean on {lean!r}: it is not one of the bases {self.bases}")
+            p, rest = len(self.bases), (1 - LEAN_WEIGHT) / (len(self.bases) - 1)
+            bias = meta[f"layers.{self.depth}.bias"]  # [1 + P]: the log step scale, then the mix logits
+            if self.mix == "softmax":
+                bias[1 + self.bases.index(lean)] = math.log(LEAN_WEIGHT / rest)
+            else:  # linear: weight = logit + 1/P
+                bias[1:] = rest - 1 / p
+                bias[1 + self.bases.index(lean)] = LEAN_WEIGHT - 1 / p
+        return meta
 
 
 class State(NamedTuple):

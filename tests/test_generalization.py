@@ -16,7 +16,8 @@ from test_meta import H, small, stiff_task
 from l3rs import L3RS, features, functional
 from l3rs.meta import MetaConfig, train
 from l3rs.meta.estimators import Context, bptt, draw_horizon, end_weight
-from l3rs.meta.unroll import Worker
+from l3rs.meta.sweeps import prior_sweep
+from l3rs.meta.unroll import Result, Worker
 from l3rs.meta.validation import validation_due, validation_score
 from l3rs.optim import CheckpointError, load_meta
 from l3rs.tasks import TaskFamily, builtin, data
@@ -203,3 +204,56 @@ def test_half_of_the_sampled_tasks_see_perturbed_data_and_shifts_stay_out():
     assert 10 <= sum(perturbed) <= 30
     for seed in range(6):  # labels never relabelled: the "permuted" shift stays held out
         assert torch.equal(family.sample(seed).val[1], builtin.splits("mnistcnn-digits")[1][1])
+
+
+# --------------------------------------------------------------------- priors: where meta-training starts
+@pytest.mark.parametrize("mix", ["softmax", "linear"])
+def test_a_prior_leaning_on_a_base_gives_it_most_of_the_untrained_mix(mix):
+    config = functional.Config(normalize="snr", mix=mix)
+    x = torch.zeros(3, config.num_features)
+    _, leaning = functional.coefficients(config, config.init_meta(3, lean="adam"), x, 1.0)
+    _, uniform = functional.coefficients(config, config.init_meta(3), x, 1.0)
+    adam, others = config.bases.index("adam"), len(config.bases) - 1
+    assert leaning[:, adam] == pytest.approx(torch.full((3,), functional.LEAN_WEIGHT))
+    rest = torch.cat([leaning[:, :adam], leaning[:, adam + 1:]], dim=1)
+    assert rest == pytest.approx(torch.full((3, others), (1 - functional.LEAN_WEIGHT) / others))
+    assert uniform == pytest.approx(torch.full_like(uniform, 1 / len(config.bases)))
+    with pytest.raises(ValueError, match="not one of the bases"):
+        functional.Config(bases=("sgd", "adam")).init_meta(2, lean="sign")
+
+
+def test_priors_default_to_uniform_and_adam_when_adam_is_one_of_several_bases():
+    assert MetaConfig().priors == ("uniform", "adam")
+    assert MetaConfig(config=functional.Config(normalize="snr", bases=("adam",))).priors == ("uniform",)
+    assert MetaConfig(config=functional.Config(bases=("sgd", "sign"))).priors == ("uniform",)
+    assert MetaConfig(priors=["adam"]).priors == ("adam",)
+    assert MetaConfig(priors=["adam"]).to_dict()["priors"] == ["adam"]
+    with pytest.raises(ValueError, match="neither 'uniform' nor one of the bases"):
+        MetaConfig(priors=("bogus",))
+    with pytest.raises(ValueError, match="each once"):
+        MetaConfig(priors=("adam", "adam"))
+
+
+def test_prior_sweep_keeps_the_lowest_prior_and_starts_the_others_around_the_first_lr0():
+    cfg = small(lr0=None, lr0_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), lr0_seeds=2)
+    seen: dict[str, list[float]] = {"uniform": [], "adam": []}
+
+    def run(jobs, offsets=(0.5, 0.4)):  # the adam prior's loss is lower by 0.1, best at 3x the uniform one's λ
+        out = []
+        for job in jobs:
+            name = "adam" if bool(job.vector.sum() > 0) else "uniform"
+            seen[name].append(job.lr0)
+            best, offset = (1e-2, offsets[1]) if name == "adam" else (3e-3, offsets[0])
+            loss = offset + math.log10(job.lr0 / best) ** 2
+            out.append(Result(loss, loss, None, None, job.steps))
+        return out
+
+    vectors = {"uniform": torch.zeros(2), "adam": torch.ones(2)}
+    sweep = prior_sweep(cfg, H, vectors, run)
+    assert sweep["prior"] == "adam" and sweep["lr0"] == pytest.approx(1e-2)
+    assert sweep["priors"]["uniform"]["lr0"] == pytest.approx(3e-3)
+    assert sorted(set(seen["adam"]))[:3] == pytest.approx([1e-3, 3e-3, 1e-2])  # around the uniform λ0 first
+    points = len(sweep["priors"]["uniform"]["grid"]) + len(sweep["priors"]["adam"]["grid"])
+    assert sweep["steps"] == points * 2 * H and sweep["grid"] == sweep["priors"]["adam"]["grid"]
+    tie = prior_sweep(cfg, H, vectors, lambda jobs: run(jobs, offsets=(0.5, 0.5)))
+    assert tie["prior"] == "uniform"  # on a tie the first prior stays

@@ -28,6 +28,7 @@ from l3rs.io import single_thread
 from l3rs.meta import MetaConfig, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
 from l3rs.meta.sweeps import horizon_exponent_fit, lr0_sweep, sweep_seeds
+from l3rs.meta.train import initial_vector
 from l3rs.meta.unroll import Result, linearized_grad
 from l3rs.tasks import Task, TaskFamily
 
@@ -218,7 +219,8 @@ def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator
 
 
 def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
-    cfg = small(lr0=None, lr0_grid=(1e-4, 0.03, 10.0), iterations=1)  # too small, fine, diverging
+    # too small, fine, diverging; one prior (the sweep of several: test_priors_...)
+    cfg = small(lr0=None, lr0_grid=(1e-4, 0.03, 10.0), iterations=1, priors=("uniform",))
     assert tune_lr0(stiff_task(), cfg) == 0.03
     best = train(stiff_task(), tmp_path, cfg, progress=False)
     sweep = json.loads((best / "optimizer.json").read_text())["lr0_sweep"]
@@ -442,7 +444,7 @@ def test_meta_train_says_when_the_untrained_optimizer_ships(tmp_path, monkeypatc
     monkeypatch.setattr(module, "train", no_room)
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "x"),
                      "--no-progress", "--iterations", "3"]) == 0
-    assert "(untrained: no room to meta-train; λ0 " in capsys.readouterr().out
+    assert "(untrained: no room to meta-train; prior " in capsys.readouterr().out
 
 
 def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, capsys):
@@ -450,13 +452,17 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(out), "--no-progress",
                      "--iterations", "0"]) == 0
     printed = capsys.readouterr().out
-    assert "(untrained: --iterations 0; λ0 " in printed and "time: sweeps " in printed
+    assert "(untrained: --iterations 0; prior " in printed and "time: sweeps " in printed
     info = json.loads((out / "best" / "optimizer.json").read_text())
+    priors = info["lr0_sweep"]["priors"]  # the default: the uniform mix and one leaning on adam, the lowest kept
+    assert list(priors) == ["uniform", "adam"]
+    assert info["prior"] == min(priors, key=lambda p: min(priors[p]["val_loss"]))
+    assert f"; kept {info['prior']}" in printed
     assert info["seconds_by_phase"]["sweeps"] > 0 and info["seconds_by_phase"]["validation"] == 0
     assert info["iteration"] == info["best_iteration"] == 0 and info["validation"] is None
     assert info["lr"] == info["lr0_sweep"]["lr0"] and info["horizon_sweep"] is not None  # both sweeps ran
     config = functional.Config.from_dict(info["config"])
-    assert torch.equal(meta_vector(out / "best"), mixer.flatten(config.init_meta(len(info["tensor_names"]))))
+    assert torch.equal(meta_vector(out / "best"), initial_vector(config, 0, len(info["tensor_names"]), info["prior"]))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
                      "--iterations", "-1"]) == 2

@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "fitted by a sweep of the untrained optimizer at 4x the horizon; 0: λ0 at any length)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
+    parser.add_argument("--priors", default=None,
+                        help="comma-separated untrained optimizers to start from: uniform (every base alike) or a "
+                             "base's name (a mix leaning on it); the λ0 sweep runs each and keeps the lowest "
+                             "(default: uniform,adam when adam is one of several bases; with --lr0, the first)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="local worker processes (results do not depend on it)")
@@ -104,13 +108,14 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
         config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
                         max_log_scale=args.max_log_scale, step_budget=args.step_budget)
+        priors = tuple(p.strip() for p in args.priors.split(",") if p.strip()) if args.priors is not None else None
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=1_000_000 if args.iterations is None else args.iterations,
                           budget_minutes=budget,
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
-                          horizon_exponent=args.horizon_exponent,
+                          horizon_exponent=args.horizon_exponent, priors=priors,
                           horizon_range=_floats(args.horizon_range, "--horizon-range"),
                           horizon_draw=args.horizon_draw,
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
@@ -142,8 +147,14 @@ def run(args: argparse.Namespace) -> int:
                  "untrained: no room to meta-train" if info["validation"] is None else
                  f"validation {info['validation']:.4g} at iteration {info['best_iteration']}; "
                  f"untrained {info['untrained_validation']:.4g}")
-        print(f"best optimizer: {best} ({found}; λ0 {info['lr']:.3g}, α {info['config']['horizon_exponent']:.2f}; "
+        print(f"best optimizer: {best} ({found}; prior {info['prior']}, λ0 {info['lr']:.3g}, "
+              f"α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
+        priors = (info["lr0_sweep"] or {}).get("priors", {})
+        if len(priors) > 1:  # which untrained optimizer meta-training started from, and by how much
+            print("priors (lowest λ0-sweep loss): " + ", ".join(
+                f"{name} {min(s['val_loss']):.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
+                  + f"; kept {info['prior']}")
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "

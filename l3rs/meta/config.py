@@ -34,6 +34,10 @@ class MetaConfig:
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
         None fits it from a second sweep of the untrained optimizer at 4x the horizon (it replaces
         config.horizon_exponent).
+    priors: the untrained optimizers meta-training may start from: "uniform" (every base alike) or a base's
+        name (a mix leaning on it, `Config.init_meta`). The λ0 sweep runs each and keeps the one with the
+        lowest validation loss (one prior: no choice). None: uniform and adam when adam is one of several bases.
+        With a fixed `lr0` (no sweep) the first one is used.
     config: the trained optimizer's Config (default: `Config(normalize="snr")`).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
@@ -59,6 +63,7 @@ class MetaConfig:
     lr0_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     lr0_seeds: int = 2
     horizon_exponent: float | None = None
+    priors: tuple[str, ...] | None = None
     validate_every: int = 20  # validations at 1x and 4x cost as much as ~10 iterations
     validation_seeds: int = 2
     val_subset: int | None = 512  # validation objectives read this fixed subset of val (None: all)
@@ -109,6 +114,21 @@ class MetaConfig:
             raise ValueError(f"end_weight must be positive, got {self.end_weight!r}")
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", Config.from_dict(self.config))
+        object.__setattr__(self, "priors", self._resolve_priors())
+
+    def _resolve_priors(self) -> tuple[str, ...]:
+        bases = self.config.bases
+        if self.priors is None:
+            return ("uniform", "adam") if "adam" in bases and len(bases) > 1 else ("uniform",)
+        if len(bases) == 1:  # a mix of one base: every prior is the same optimizer
+            return ("uniform",)
+        priors = tuple(self.priors)
+        if not priors or len(set(priors)) != len(priors):
+            raise ValueError(f"priors must name at least one prior, each once, got {priors!r}")
+        for name in priors:
+            if name != "uniform" and name not in bases:
+                raise ValueError(f"prior {name!r} is neither 'uniform' nor one of the bases {bases}")
+        return priors
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,6 +136,7 @@ class MetaConfig:
         d["lr0_grid"] = list(self.lr0_grid)
         d["horizon_range"] = list(self.horizon_range)
         d["validation_horizons"] = list(self.validation_horizons)
+        d["priors"] = list(self.priors)
         return d
 
     def result_keys(self) -> dict[str, Any]:

@@ -65,35 +65,72 @@ def _argmin(values: list[float]) -> int:
     return min(range(len(values)), key=lambda i: values[i])
 
 
-def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any) -> dict[str, Any]:
-    """Validation loss of the untrained L3RS on `cfg.lr0_seeds` training seeds over `cfg.lr0_grid`, from its
-    LR0_START_POINTS middle points toward the better edge until the best is bracketed; past an edge of the
-    grid by up to GRID_EXTENSIONS steps of its ratio. A sweep whose every run diverged walks down."""
+def _candidates(grid: tuple[float, ...]) -> tuple[list[float], int]:
+    """(the sorted grid with GRID_EXTENSIONS steps of its edge ratio past each end, index of its first point)."""
+    points = sorted(grid)
+    if len(points) < 2:
+        return points, 0
+    low, high = points[:2], points[-2:]
+    for _ in range(GRID_EXTENSIONS):
+        low = [low[0] ** 2 / low[1], *low]
+        high = [*high, high[-1] ** 2 / high[-2]]
+    return low[:GRID_EXTENSIONS] + points + high[2:], GRID_EXTENSIONS
+
+
+def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: float | None = None) -> dict[str, Any]:
+    """Validation loss of the untrained L3RS on `cfg.lr0_seeds` training seeds over `cfg.lr0_grid`, from
+    LR0_START_POINTS points (the grid's middle ones, or those around `center`) toward the better edge until
+    the best is bracketed; past an edge of the grid by up to GRID_EXTENSIONS steps of its ratio. A sweep whose
+    every run diverged walks down."""
     start = time.perf_counter()
-    nominal = sorted(cfg.lr0_grid)
-    first = max(0, (len(nominal) - LR0_START_POINTS + 1) // 2)
-    grid = nominal[first:first + LR0_START_POINTS]
-    losses, steps = _sweep_losses(cfg, horizon, vector, grid, run)
-    extensions = 0
-    while len(nominal) > 1:
+    candidates, offset = _candidates(cfg.lr0_grid)
+    if center is None:  # within the grid itself
+        low = offset + max(0, (len(cfg.lr0_grid) - LR0_START_POINTS + 1) // 2)
+        high = min(offset + len(cfg.lr0_grid), low + LR0_START_POINTS)
+    else:
+        nearest = min(range(len(candidates)), key=lambda i: abs(math.log(candidates[i] / center)))
+        low = min(max(0, nearest - LR0_START_POINTS // 2), max(0, len(candidates) - LR0_START_POINTS))
+        high = min(len(candidates), low + LR0_START_POINTS)
+    losses, steps = _sweep_losses(cfg, horizon, vector, candidates[low:high], run)
+    while len(candidates) > 1:
         best = _argmin(losses)
         down = best == 0 or not math.isfinite(losses[best])
-        if not (down or best == len(grid) - 1):
+        if not (down or best == len(losses) - 1):
             break  # bracketed
-        inside = [lr for lr in nominal if (lr < grid[0] if down else lr > grid[-1])]
-        if inside:
-            lr = inside[-1] if down else inside[0]
-        elif extensions < GRID_EXTENSIONS:
-            lr = grid[0] ** 2 / grid[1] if down else grid[-1] ** 2 / grid[-2]
-            extensions += 1
+        if down and low > 0:
+            low -= 1
+            (loss,), more = _sweep_losses(cfg, horizon, vector, [candidates[low]], run)
+            losses = [loss, *losses]
+        elif not down and high < len(candidates):
+            (loss,), more = _sweep_losses(cfg, horizon, vector, [candidates[high]], run)
+            high += 1
+            losses = [*losses, loss]
         else:
             break
-        (loss,), more = _sweep_losses(cfg, horizon, vector, [lr], run)
-        grid, losses = ([lr, *grid], [loss, *losses]) if down else ([*grid, lr], [*losses, loss])
         steps += more
+    grid = candidates[low:high]
     best = _argmin(losses)
     return {"grid": grid, "val_loss": losses, "lr0": grid[best], "seconds": time.perf_counter() - start,
             "steps": steps}
+
+
+def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: Any) -> dict[str, Any]:
+    """The λ0 sweep of each prior's untrained optimizer (`vectors`, in `cfg.priors` order; the later ones
+    start around the first one's λ0) on the same seeds; keeps the prior whose best λ0 has the lowest loss
+    (the first on a tie). Returns the kept sweep with "prior", every prior's sweep under "priors", and the
+    seconds and steps of them all."""
+    first, *others = vectors
+    sweeps = {first: lr0_sweep(cfg, horizon, vectors[first], run)}
+    for name in others:
+        sweeps[name] = lr0_sweep(cfg, horizon, vectors[name], run, center=sweeps[first]["lr0"])
+
+    def lowest(sweep: dict[str, Any]) -> float:
+        return min((v for v in sweep["val_loss"] if math.isfinite(v)), default=math.inf)
+
+    kept = min(sweeps, key=lambda name: lowest(sweeps[name]))
+    return {**sweeps[kept], "prior": kept,
+            "priors": {name: {k: s[k] for k in ("grid", "val_loss", "lr0")} for name, s in sweeps.items()},
+            "seconds": sum(s["seconds"] for s in sweeps.values()), "steps": sum(s["steps"] for s in sweeps.values())}
 
 
 def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from l3rs.io import atomic_write
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
-from l3rs.meta.sweeps import LONG_SWEEP, horizon_exponent_fit, long_sweep_steps, lr0_sweep
+from l3rs.meta.sweeps import LONG_SWEEP, horizon_exponent_fit, long_sweep_steps, lr0_sweep, prior_sweep
 from l3rs.meta.unroll import Worker, pack, unpack
 from l3rs.meta.validation import Validation, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
@@ -68,6 +68,7 @@ class TrainState:
     # each validation seed's value per horizon, untrained and best (how far the mean is from noise)
     untrained_validation_by_seed: list[list[float]] | None = None
     best_validation_by_seed: list[list[float]] | None = None
+    prior: str = "uniform"  # the untrained optimizer it started from (`MetaConfig.priors`)
     particles: Particles | None = None
 
     def to_doc(self) -> dict[str, Any]:
@@ -91,8 +92,9 @@ def optimizer_config(cfg: MetaConfig, horizon: int) -> Config:
     return dataclasses.replace(cfg.config, reference_horizon=horizon, horizon_exponent=0.0)
 
 
-def _initial_vector(config: Config, seed: int, num_tensors: int) -> Tensor:
-    return mixer.flatten(config.init_meta(num_tensors, seed))
+def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "uniform") -> Tensor:
+    """The flat meta-parameters of the untrained optimizer meta-training starts from (a `MetaConfig.priors` name)."""
+    return mixer.flatten(config.init_meta(num_tensors, seed, None if prior == "uniform" else prior))
 
 
 def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None = None,
@@ -104,7 +106,7 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
     runner = Runner(Worker(family, opt_config, config.first_order, config.val_subset, config.device),
                     workers or config.workers)
     try:
-        vector = _initial_vector(opt_config, config.seed, len(_tensors(family)[0]))
+        vector = initial_vector(opt_config, config.seed, len(_tensors(family)[0]), config.priors[0])
         return lr0_sweep(config, horizon, vector, runner)["lr0"]
     finally:
         runner.close()
@@ -130,9 +132,11 @@ def _long_sweep_fits(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None
 
 def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any) -> TrainState:
     start = time.perf_counter()
-    vector = _initial_vector(opt_config, cfg.seed, len(_tensors(family)[0]))
-    sweep = None if cfg.lr0 is not None else lr0_sweep(cfg, horizon, vector, run)
-    lr0 = cfg.lr0 if sweep is None else sweep["lr0"]
+    count = len(_tensors(family)[0])
+    vectors = {prior: initial_vector(opt_config, cfg.seed, count, prior) for prior in cfg.priors}
+    sweep = None if cfg.lr0 is not None else prior_sweep(cfg, horizon, vectors, run)
+    lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
+    vector = vectors[prior]
     fit = None
     if cfg.horizon_exponent is None and _long_sweep_fits(cfg, horizon, sweep, run):
         fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run)
@@ -150,7 +154,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
                       steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, fit) if s),
                       validation_seconds=validation_seconds, validation_total=validation_seconds,
                       horizon_exponent=exponent, horizon_sweep=fit, untrained_validation_by_seed=by_seed,
-                      best_validation_by_seed=by_seed)
+                      best_validation_by_seed=by_seed, prior=prior)
 
 
 def _save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
@@ -231,7 +235,7 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     info = {"meta_train_seconds": state.seconds, "meta_train_steps": state.steps, "task": family.name,
             "horizon": horizon, "estimator": cfg.estimator, "objective": cfg.objective,
             "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
-            "seed": cfg.seed,
+            "seed": cfg.seed, "prior": state.prior,
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
             "untrained_validation": state.untrained_validation and state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,
@@ -287,7 +291,9 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
         state = broadcast(lambda: _open(out, cfg, resume), runner.rank, runner.world)
         if state is None:
             if progress and runner.rank == 0 and cfg.lr0 is None:
+                priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
+                           + priors
                            + (f", then at {LONG_SWEEP:g}x the horizon to fit α" if cfg.horizon_exponent is None
                               else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
@@ -303,7 +309,8 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                            "validation_by_seed": state.untrained_validation_by_seed,
                            "validation_score": 0.0, "best_score": 0.0, "seconds": state.seconds,
                            "elapsed": state.seconds, "steps": state.steps, "lr0": state.lr0,
-                           "lr0_sweep": state.lr0_sweep, "horizon_exponent": state.horizon_exponent,
+                           "lr0_sweep": state.lr0_sweep, "prior": state.prior,
+                           "horizon_exponent": state.horizon_exponent,
                            "horizon_sweep": state.horizon_sweep}, None)
         _loop(state, family, cfg, opt_config, horizon, out, runner, progress)
     finally:
