@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "plain-objective": (["--no-log-objective", "--end-weight", "1"], "the end-weighted log objective"),
     "select-1x": (["--validation-horizons", "1"], "checkpoint selection at 1x and 4x (1x only)"),
     "adam-only": (["--bases", "adam"], "the blend of base directions (Adam's alone)"),
+    "uniform-prior": (["--priors", "uniform"], "the prior chosen by the λ0 sweep (the uniform mix only)"),
 }
 
 
@@ -58,9 +59,9 @@ def meta_train(task: str, out: Path, iterations: int, flags: list[str]) -> Path:
 
 def untrained(task: str, best: Path, out: Path) -> Path:
     """The optimizer of `best`'s run before meta-training: `l3rs meta-train --iterations 0` with that run's
-    swept λ0 and α given (so no sweep runs again) exports the initial mixer with them."""
+    swept λ0, α and prior given (so no sweep runs again) exports the initial mixer with them."""
     info = json.loads((best / "optimizer.json").read_text())
-    return meta_train(task, out, 0, ["--lr0", repr(info["lr"]),
+    return meta_train(task, out, 0, ["--lr0", repr(info["lr"]), "--priors", info.get("prior", "uniform"),
                                      "--horizon-exponent", repr(info["config"]["horizon_exponent"])])
 
 
