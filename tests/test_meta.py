@@ -393,6 +393,23 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert [r["iteration"] for r in lines] == list(range(9))
 
 
+def test_a_checkpoint_from_before_priors_resumes_as_the_uniform_prior(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = small(iterations=2)
+    train(stiff_task(), tmp_path, replace(cfg, iterations=1), progress=False)
+    path = tmp_path / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        doc = json.loads(f.metadata()["state"])
+    del doc["meta_config"]["priors"], doc["prior"]  # as written before priors existed
+    save_file(load_file(path), path, metadata={"state": json.dumps(doc)})
+    with pytest.raises(FileExistsError, match=r"other settings \(priors\)"):
+        train(stiff_task(), tmp_path, cfg, resume=True, progress=False)  # the default compares two priors
+    train(stiff_task(), tmp_path, replace(cfg, priors=("uniform",)), resume=True, progress=False)
+    assert json.loads((tmp_path / "best" / "optimizer.json").read_text())["iteration"] == 2
+
+
 def test_one_or_two_workers_give_identical_meta_parameters(tmp_path):
     results = [meta_vector(train(stiff_task(), tmp_path / f"{est}{w}",
                                  small(estimator=est, iterations=2, workers=w), progress=False))

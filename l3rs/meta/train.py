@@ -180,8 +180,9 @@ def _load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
         return None
     with safe_open(str(path), "pt") as f:
         doc = json.loads(f.metadata()["state"])
-    if doc["meta_config"] != cfg.result_keys():
-        changed = sorted(k for k in cfg.result_keys() if doc["meta_config"].get(k) != cfg.result_keys()[k])
+    saved = {"priors": ["uniform"], **doc["meta_config"]}  # checkpoints from before priors: the uniform mix
+    if saved != cfg.result_keys():
+        changed = sorted(k for k in cfg.result_keys() if saved.get(k) != cfg.result_keys()[k])
         raise FileExistsError(f"{path} was written with other settings ({', '.join(changed)}): resume "
                               "with the same settings or use a new --out")
     tensors = load_file(path)
