@@ -98,16 +98,13 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
         if not (down or best == len(losses) - 1):
             break  # bracketed
         if down and low > 0:
-            low -= 1
-            (loss,), more = _sweep_losses(cfg, horizon, vector, [candidates[low]], run)
-            losses = [loss, *losses]
+            low, index = low - 1, low - 1
         elif not down and high < len(candidates):
-            (loss,), more = _sweep_losses(cfg, horizon, vector, [candidates[high]], run)
-            high += 1
-            losses = [*losses, loss]
+            high, index = high + 1, high
         else:
             break
-        steps += more
+        (loss,), more = _sweep_losses(cfg, horizon, vector, [candidates[index]], run)
+        losses, steps = ([loss, *losses] if down else [*losses, loss]), steps + more
     grid = candidates[low:high]
     best = _argmin(losses)
     return {"grid": grid, "val_loss": losses, "lr0": grid[best], "seconds": time.perf_counter() - start,
