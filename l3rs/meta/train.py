@@ -353,12 +353,12 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
         norm = meta_adam_step(state, est.grad, cfg)
         state.iteration += 1
         state.particles, state.steps = est.particles, state.steps + est.steps
-        took = run.agree(time.perf_counter() - start)
+        step = run.agree(time.perf_counter() - start)  # the meta-iteration alone
         # the last iteration that fits the budget together with its final validation (and with this one's,
         # when one is due now: another iteration would then need a second)
         due = validation_due(state.iteration, cfg.validate_every)
         last = (state.iteration == cfg.iterations
-                or state.seconds + 2 * took + (1 + due) * state.validation_seconds > budget)
+                or state.seconds + 2 * step + (1 + due) * state.validation_seconds > budget)
         score, val = None, None
         if due or last:
             score, val = _validate_into(state, cfg, horizon, run)
@@ -372,8 +372,9 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
             _log(out, record, writer)
             _save_checkpoint(out, state, cfg)
             _export(out, state, family, cfg, opt_config, horizon)
-        if budget < math.inf:  # the ETA follows the budget when it binds first
-            bar.total = min(cfg.iterations, state.iteration + max(0, int((budget - state.seconds) / took)))
+        if budget < math.inf:  # the ETA follows the budget when it binds first (validations spread over iterations)
+            per_iteration = step + state.validation_seconds / cfg.validate_every
+            bar.total = min(cfg.iterations, state.iteration + max(0, int((budget - state.seconds) / per_iteration)))
         bar.set_postfix(objective=f"{est.objective:.4g}", best=f"{state.best_score:+.3f}")
         bar.update(1)
         if last:  # its final validation is done: another iteration would need another one past the budget
