@@ -252,6 +252,7 @@ def test_prior_sweep_keeps_the_lowest_prior_and_starts_the_others_around_the_fir
     sweep = prior_sweep(cfg, H, vectors, run)
     assert sweep["prior"] == "adam" and sweep["lr0"] == pytest.approx(1e-2)
     assert sweep["priors"]["uniform"]["lr0"] == pytest.approx(3e-3)
+    assert sweep["priors"]["adam"]["lowest"] == pytest.approx(0.4) and sweep["priors"]["uniform"]["lowest"] == 0.5
     assert sorted(set(seen["adam"]))[:3] == pytest.approx([1e-3, 3e-3, 1e-2])  # around the uniform λ0 first
     points = len(sweep["priors"]["uniform"]["grid"]) + len(sweep["priors"]["adam"]["grid"])
     assert sweep["steps"] == points * 2 * H and sweep["grid"] == sweep["priors"]["adam"]["grid"]

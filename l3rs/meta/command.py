@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         priors = (info["lr0_sweep"] or {}).get("priors", {})
         if len(priors) > 1:  # which untrained optimizer meta-training started from, and by how much
             print("priors (lowest λ0-sweep loss): " + ", ".join(
-                f"{name} {min(s['val_loss']):.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
+                f"{name} {s['lowest']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
                   + f"; kept {info['prior']}")
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"

@@ -126,7 +126,8 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
 
     kept = min(sweeps, key=lambda name: lowest(sweeps[name]))
     return {**sweeps[kept], "prior": kept,
-            "priors": {name: {k: s[k] for k in ("grid", "val_loss", "lr0")} for name, s in sweeps.items()},
+            "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["lr0"], "lowest": lowest(s)}
+                       for name, s in sweeps.items()},
             "seconds": sum(s["seconds"] for s in sweeps.values()), "steps": sum(s["steps"] for s in sweeps.values())}
 
 
