@@ -232,6 +232,10 @@ def test_priors_default_to_uniform_and_adam_when_adam_is_one_of_several_bases():
         MetaConfig(priors=("bogus",))
     with pytest.raises(ValueError, match="each once"):
         MetaConfig(priors=("adam", "adam"))
+    only_adam = functional.Config(normalize="snr", bases=("adam",))
+    assert MetaConfig(config=only_adam, priors=("uniform", "adam")).priors == ("uniform",)
+    with pytest.raises(ValueError, match="neither 'uniform' nor one of the bases"):  # checked before collapsing
+        MetaConfig(config=only_adam, priors=("sgd",))
 
 
 def test_prior_sweep_keeps_the_lowest_prior_and_starts_the_others_around_the_first_lr0():

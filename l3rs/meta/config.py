@@ -120,15 +120,13 @@ class MetaConfig:
         bases = self.config.bases
         if self.priors is None:
             return ("uniform", "adam") if "adam" in bases and len(bases) > 1 else ("uniform",)
-        if len(bases) == 1:  # a mix of one base: every prior is the same optimizer
-            return ("uniform",)
         priors = tuple(self.priors)
         if not priors or len(set(priors)) != len(priors):
             raise ValueError(f"priors must name at least one prior, each once, got {priors!r}")
         for name in priors:
             if name != "uniform" and name not in bases:
                 raise ValueError(f"prior {name!r} is neither 'uniform' nor one of the bases {bases}")
-        return priors
+        return ("uniform",) if len(bases) == 1 else priors  # a mix of one base: every prior is the same optimizer
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
