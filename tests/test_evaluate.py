@@ -388,17 +388,29 @@ def test_reused_baselines_give_the_full_evaluations_numbers(tiny: str, opt_dir: 
     assert f"Baselines reused from `{path}`" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.parametrize("seeds, horizons, expected", [
-    (3, (1,), {("l3rs", 6), ("adamw", 6), ("sgd", 6)}),  # other evaluation seeds: nothing is reused
-    (2, (1, 2), {("l3rs", 6), ("sgd", 6), ("l3rs", 12), ("adamw", 12), ("sgd", 12)}),  # x2 is a new scenario
-])
 def test_baselines_run_where_the_previous_evaluation_differs(tiny: str, opt_dir: str, first_evaluation, ran,
-                                                             tmp_path, seeds, horizons, expected) -> None:
+                                                             tmp_path) -> None:
     _, path = first_evaluation
-    result = evaluate(opt_dir, tiny, tmp_path, horizons=horizons, seeds=seeds, baselines=["adamw", "sgd"],
+    result = evaluate(opt_dir, tiny, tmp_path, horizons=(1, 2), seeds=2, baselines=["adamw", "sgd"],
                       shifts=(), progress=False, baselines_from=path)
-    assert set(ran) == expected
-    assert result.settings.reused == ([] if seeds == 3 else [f"{result.scenarios[0].label}/adamw"])
+    # sgd was never run; x2 is a new scenario
+    assert set(ran) == {("l3rs", 6), ("sgd", 6), ("l3rs", 12), ("adamw", 12), ("sgd", 12)}
+    assert result.settings.reused == [f"{result.scenarios[0].label}/adamw"]
+
+
+@pytest.mark.parametrize("seeds", [3, 1])
+def test_reused_baselines_keep_their_tuning_and_run_only_the_seeds_they_lack(tiny: str, opt_dir: str,
+                                                                             first_evaluation, ran, tmp_path,
+                                                                             seeds: int) -> None:
+    first, path = first_evaluation
+    result = evaluate(opt_dir, tiny, tmp_path, horizons=(1,), seeds=seeds, baselines=["adamw"], shifts=(),
+                      progress=False, baselines_from=path)
+    old, new = first.scenarios[0].methods["adamw"], result.scenarios[0].methods["adamw"]
+    assert ran.count(("adamw", 6)) == max(0, seeds - 2)  # the seeds it lacks; no tuning run
+    assert new.tuning == old.tuning and new.hp == old.hp
+    assert [r.seed for r in new.runs] == list(range(EVAL_SEED, EVAL_SEED + seeds))
+    assert [r.final_val_loss for r in new.runs[:2]] == [r.final_val_loss for r in old.runs[:seeds]]
+    assert new.summary.seeds == seeds and len(result.scenarios[0].methods["l3rs"].runs) == seeds
 
 
 @pytest.mark.parametrize("fingerprint", ["0123456789abcdef", None])  # another machine's backbone; an older file

@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              f"comma-separated names ({', '.join(SHIFT_SCENARIOS)}) or task specs")
     parser.add_argument("--baselines-from", default=None, metavar="PATH",
                         help="a previous evaluation.json of the same task: reuse its tuned baselines where the "
-                             "scenario (label, steps), seeds, grids and device match (the others are run); valid "
-                             "only if the baseline code and the task data did not change since")
+                             "scenario (label, steps), tuning seeds, grids and device match (the others are run; "
+                             "evaluation seeds it lacks run at the reused setting); valid only if the baseline "
+                             "code and the task data did not change since")
     parser.add_argument("--device", default=None, help="torch device for the runs (default: cpu)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel single-threaded processes for the runs (default: up to 2)")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
-from l3rs.evaluate.reuse import read_previous, reusable, task_fingerprint
+from l3rs.evaluate.reuse import missing_seeds, read_previous, reusable, task_fingerprint
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -89,13 +89,15 @@ def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: i
     runner = ScenarioRunner(scenario.task, steps, config, bar, device, workers)
     eval_seeds = range(EVAL_SEED, EVAL_SEED + seeds)
     try:
-        tuned = {m.name: tune(runner, m) for m in todo}
-        runner.prefetch([RunRequest(m, tuned[m.name].hp, s, True) for m in todo for s in eval_seeds])
+        tuned = {m.name: tune(runner, m) for m in todo} | {name: result.tuning for name, result in reused.items()}
+        missing = {m.name: missing_seeds(reused[m.name], eval_seeds) if m.name in reused else list(eval_seeds)
+                   for m in methods}
+        runner.prefetch([RunRequest(m, tuned[m.name].hp, s, True) for m in methods for s in missing[m.name]])
     finally:
         runner.close()
-    runs = {m.name: [runner.run(m, tuned[m.name].hp, s, curves=True) for s in eval_seeds] for m in todo}
-    tuned |= {name: result.tuning for name, result in reused.items()}
-    runs |= {name: result.runs for name, result in reused.items()}
+    runs = {m.name: sorted((reused[m.name].runs if m.name in reused else [])
+                           + [runner.run(m, tuned[m.name].hp, s, curves=True) for s in missing[m.name]],
+                           key=lambda r: r.seed) for m in methods}
     grid = eval_grid(steps, runner.eval_every)
     loss_curves = {name: np.array([aligned(r, "val_loss", grid, math.inf) for r in seed_runs])
                    for name, seed_runs in runs.items()}
@@ -207,7 +209,8 @@ def evaluate(
                        "another pretrained model (or did not record which); running them here", file=sys.stderr)
     reuse = [reused or {} for reused in found]
     settings.reused = [f"{s.label}/{name}" for s, reused in zip(plan, reuse, strict=True) for name in reused]
-    planned = sum(n * planned_runs([m for m in methods if m.name not in reused], seeds)
+    planned = sum(n * (planned_runs([m for m in methods if m.name not in reused], seeds)
+                       + sum(len(missing_seeds(r, settings.eval_seeds)) for r in reused.values()))
                   for n, reused in zip(steps, reuse, strict=True))
     bar = tqdm(total=planned, unit="step", desc="evaluate", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()

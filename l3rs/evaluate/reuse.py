@@ -56,10 +56,17 @@ def task_fingerprint(task: Any, seed: int) -> str:
 
 
 def same_protocol(old: Settings, new: Settings, method: Method) -> bool:
-    """Would `method` be tuned and run on the same seeds, grids and device under both settings?"""
-    names = ["eval_seeds", "tune_seeds", "grids", "device"]
+    """Would `method` be tuned on the same seeds and grids and run on the same device under both settings, and
+    do they share an evaluation seed (runs on the seeds only one of them has are left out or run)?"""
+    names = ["tune_seeds", "grids", "device"]
     names += ["head_multipliers"] * method.head + ["atmo_mixes"] * (method.kind == "atmo")
-    return all(getattr(old, name) == getattr(new, name) for name in names)
+    return bool(set(old.eval_seeds) & set(new.eval_seeds)) and all(getattr(old, n) == getattr(new, n) for n in names)
+
+
+def missing_seeds(result: MethodResult, eval_seeds: Any) -> list[int]:
+    """The evaluation seeds a reused baseline has no run for (a previous evaluation with fewer seeds)."""
+    done = {run.seed for run in result.runs}
+    return [seed for seed in eval_seeds if seed not in done]
 
 
 def _nulls(values: list[float | None], fill: float) -> list[float]:
@@ -77,9 +84,11 @@ def _restore_trial(trial: Trial) -> Trial:
                                val_losses=_nulls(trial.val_losses, math.inf))
 
 
-def _restore(result: MethodResult) -> MethodResult:
+def _restore(result: MethodResult, eval_seeds: list[int]) -> MethodResult:
+    """The previous result as it was written, keeping only the runs on `eval_seeds`."""
     tuning = dataclasses.replace(result.tuning, trials=[_restore_trial(t) for t in result.tuning.trials])
-    return dataclasses.replace(result, tuning=tuning, runs=[_restore_run(r) for r in result.runs])
+    return dataclasses.replace(result, tuning=tuning,
+                               runs=[_restore_run(r) for r in result.runs if r.seed in eval_seeds])
 
 
 def _same_scenario(previous: EvaluationResult, label: str, steps: int) -> ScenarioResult | None:
@@ -91,13 +100,14 @@ def reusable(previous: EvaluationResult | None, settings: Settings, label: str, 
              methods: list[Method], fingerprint: str) -> dict[str, MethodResult] | None:
     """Those of `methods` whose results in `previous` a new `steps`-step run of scenario `label` would
     reproduce (only their `tuning` and `runs` count: everything else is recomputed from the merged runs):
-    same scenario, protocol and task fingerprint. None: `previous` ran this scenario on other data or another
-    model (or did not record which)."""
+    same scenario, protocol and task fingerprint. Only the runs on this evaluation's seeds are kept; seeds
+    `previous` did not run are left to the caller (`missing_seeds`). None: `previous` ran this scenario on
+    other data or another model (or did not record which)."""
     old = None if previous is None else _same_scenario(previous, label, steps)
     if old is None:
         return {}
     if old.fingerprint != fingerprint:
         return None
-    return {m.name: _restore(old.methods[m.name]) for m in methods
+    return {m.name: _restore(old.methods[m.name], settings.eval_seeds) for m in methods
             if m.reusable and m.name in old.methods and old.methods[m.name].kind == m.kind
             and same_protocol(previous.settings, settings, m)}
