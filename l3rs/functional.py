@@ -71,6 +71,9 @@ class Config:
     # α: runs longer than the reference horizon T_ref step with λ0 · (T_ref / T)^α (fitted by meta-training
     # from λ0 sweeps at 1x and 4x; longer fine-tuning runs overfit at the λ0 that is best for short ones)
     horizon_exponent: float = 0.0
+    # > 0: the weights to evaluate are an average of the iterates, an EMA over this fraction of the run
+    # (`average_update`): trained weights keep moving at full step, evaluated ones are always settled
+    average: float = 0.0
     hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class Config:
             raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup!r}")
         if not self.max_log_scale > 0:
             raise ValueError(f"max_log_scale must be positive, got {self.max_log_scale!r}")
+        if not 0 <= self.average <= 1:
+            raise ValueError(f"average must be a fraction of the run in [0, 1] (0: off), got {self.average!r}")
         if not (self.horizon_exponent >= 0 and math.isfinite(self.horizon_exponent)):
             raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
         if isinstance(self.hyper, dict):
@@ -319,3 +324,27 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
 def apply_updates(params: TensorList, updates: TensorList) -> TensorList:
     """params + updates (pure; use torch._foreach_add_ for in place)."""
     return torch._foreach_add(params, updates)
+
+
+# --------------------------------------------------------------------------- averaged weights (Config.average)
+def average_init(params: TensorList) -> TensorList:
+    """The averaged weights before any step: the starting weights."""
+    return [p.detach().clone() for p in params]
+
+
+def average_weight(config: Config, steps: int, total_steps: int | None) -> float:
+    """The weight of the newest iterate after `steps` (>= 1) updates: the mean of every iterate so far until
+    the EMA's window (`config.average` of a `total_steps` run) is reached, then the EMA's 1 / window; the
+    plain mean of all iterates when T is unknown."""
+    uniform = 1.0 / (steps + 1)  # the starting weights count as the first iterate
+    return uniform if not total_steps else max(uniform, min(1.0, 1.0 / (config.average * total_steps)))
+
+
+def average_update(config: Config, average: TensorList, params: TensorList, steps: int, total_steps: int | None,
+                   inplace: bool = False) -> TensorList:
+    """Fold the weights after `steps` updates into the average (pure, or in place into `average`)."""
+    weight = average_weight(config, steps, total_steps)
+    if inplace:
+        torch._foreach_lerp_(average, params, weight)
+        return average
+    return torch._foreach_lerp(average, params, weight)

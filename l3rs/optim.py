@@ -59,10 +59,10 @@ def _check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any)
 
 
 def _build_config(config: Config | None, bases: Iterable[str] | None, normalize: bool, mix: str,
-                  schedule: str) -> Config:
+                  schedule: str, average: float) -> Config:
     if config is None:
         return Config(bases=tuple(bases) if bases is not None else Config.bases, normalize=normalize, mix=mix,
-                      schedule=schedule)
+                      schedule=schedule, average=average)
     if bases is not None:
         raise ValueError("pass either bases=... or config=..., not both")
     return config
@@ -116,6 +116,9 @@ class L3RS(torch.optim.Optimizer):
         bases, normalize, mix, schedule: see `l3rs.functional.Config`. The untrained optimizer steps by
             ``lr * b(t / total_steps)`` with b the base schedule (default: short warm-up, then cosine decay;
             ``schedule="constant"`` keeps λ = lr; without ``total_steps`` it is constant too).
+        average: > 0 keeps an average of the weights (an EMA over that fraction of the run, `Config.average`)
+            that ``eval()`` puts into the parameters and ``train()`` takes out again, as schedule-free
+            optimizers do: call ``eval()`` before evaluating or saving the model, ``train()`` before stepping.
         unknown: what to do with tensors a pretrained optimizer has no embedding for: "error" or
             "mean" (use the mean embedding).
         average_loss: under an initialized process group with several ranks, average the loss that feeds
@@ -149,6 +152,7 @@ class L3RS(torch.optim.Optimizer):
         normalize: bool = True,
         mix: str = "softmax",
         schedule: str = "cosine",
+        average: float = 0.0,
         unknown: str = "error",
         average_loss: bool = True,
         state_dtype: torch.dtype | None = None,
@@ -158,7 +162,7 @@ class L3RS(torch.optim.Optimizer):
         _saved: dict[str, Any] | None = None,
     ) -> None:
         _check_arguments(lr, total_steps, unknown, weight_decay)
-        config = _build_config(config, bases, normalize, mix, schedule)
+        config = _build_config(config, bases, normalize, mix, schedule, average)
         self._built = False
         super().__init__(_named(params), {"lr": lr, "weight_decay": weight_decay})
         self.config = config
@@ -198,7 +202,9 @@ class L3RS(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             self.state[p] = {k: getattr(st.moments, k)[i] for k in ("m", "v", "s", "theta0")
                              if getattr(st.moments, k) is not None}
-        self.state[_GLOBAL] = {"step": 0, "skipped_steps": 0, "features": {}}
+            if self.config.average:
+                self.state[p]["average"] = p.detach().clone()
+        self.state[_GLOBAL] = {"step": 0, "skipped_steps": 0, "features": {}, "evaluating": False}
 
     def _compute_dtype(self, tensors: list[Tensor]) -> list[Tensor]:
         """`tensors` in `state_dtype` (the same objects when they already are)."""
@@ -279,6 +285,8 @@ class L3RS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.state[_GLOBAL].get("evaluating"):
+            raise RuntimeError("L3RS.step() while the parameters hold the averaged weights: call train() first")
         feature_loss = self._step_loss(loss)
         rows = [i for i, p in enumerate(self._params) if p.grad is not None]
         if not rows:
@@ -300,9 +308,32 @@ class L3RS(torch.optim.Optimizer):
             return loss
         self._decay_weights()
         torch._foreach_add_(params, updates)
+        if self.config.average:
+            functional.average_update(self.config, [self.state[p]["average"] for p in params], params,
+                                      new.moments.step, self.total_steps, inplace=True)
         self._store_features(new.features, subset)
         self.state[_GLOBAL] = {**self.state[_GLOBAL], "step": new.moments.step}
         return loss
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the averaged weights into the parameters (with `average`; otherwise nothing to do)."""
+        self._swap(evaluating=True)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the trained weights back into the parameters after `eval()`."""
+        self._swap(evaluating=False)
+
+    def _swap(self, evaluating: bool) -> None:
+        if not self.config.average or bool(self.state[_GLOBAL].get("evaluating")) == evaluating:
+            return
+        for p in self._params:
+            average = self.state[p]["average"]
+            held = p.detach().clone()
+            p.copy_(average)
+            average.copy_(held)
+        self.state[_GLOBAL] = {**self.state[_GLOBAL], "evaluating": evaluating}
 
     def _decay_weights(self) -> None:
         """Decoupled weight decay: θ ← θ·(1 − λ0·wd) for the groups that ask for it (before the update)."""

@@ -248,11 +248,58 @@ def test_param_groups_scale_step_size():
         ({"lr": 1e-3, "mix": "max"}, "mix must be one of"),
         ({"lr": 1e-3, "bases": ("sgd", "lion")}, "unknown base direction 'lion'"),
         ({"lr": 1e-3, "unknown": "zero"}, "unknown must be one of"),
+        ({"lr": 1e-3, "average": 1.5}, "average must be a fraction"),
     ],
 )
 def test_argument_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         L3RS(small_model().named_parameters(), **kwargs)
+
+
+# --------------------------------------------------------------------------- averaged weights
+def plainly_trained(steps: int) -> tuple[torch.nn.Module, L3RS]:
+    model = small_model()
+    opt = L3RS(model.named_parameters(), lr=1e-2, total_steps=40)
+    train(model, opt, steps)
+    return model, opt
+
+
+def test_averaged_weights_are_swapped_in_by_eval_and_out_by_train():
+    model = small_model()
+    opt = L3RS(model.named_parameters(), lr=1e-2, total_steps=40, average=0.25)
+    expected = [p.detach().clone() for p in model.parameters()]  # the mean of the iterates, then an EMA
+    for k in range(1, 21):
+        for e, q in zip(expected, plainly_trained(k)[0].parameters(), strict=True):
+            e.lerp_(q.detach(), max(1 / (k + 1), 1 / 10))  # window 0.25 * 40 = 10 steps
+    train(model, opt, 20)
+    reference, plain = plainly_trained(20)
+    assert max_diff(model, reference) == 0  # averaging never changes the trained weights
+    opt.eval()
+    opt.eval()  # twice changes nothing
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="call train"):
+        train(model, opt, 1)
+    opt.train()
+    assert max_diff(model, reference) == 0
+    plain.eval()  # without averaging there is nothing to swap
+    assert max_diff(model, reference) == 0
+
+
+def test_averaged_weights_survive_a_state_dict_round_trip():
+    model = small_model()
+    opt = L3RS(model.named_parameters(), lr=1e-2, total_steps=40, average=0.25)
+    train(model, opt, 10)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+    train(model, opt, 10)
+    opt.eval()
+    resumed = small_model(seed=5)
+    resumed.load_state_dict(saved_model)
+    opt2 = L3RS(resumed.named_parameters(), lr=1e-2, total_steps=40, average=0.25)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 10)
+    opt2.eval()
+    assert max_diff(model, resumed) == 0
 
 
 # ------------------------------------------------------------------------- checkpoints

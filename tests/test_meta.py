@@ -29,7 +29,7 @@ from l3rs.meta import MetaConfig, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
 from l3rs.meta.sweeps import horizon_exponent_fit, lr0_sweep, sweep_seeds
 from l3rs.meta.train import initial_vector
-from l3rs.meta.unroll import Result, linearized_grad
+from l3rs.meta.unroll import Result, linearized_grad, pack, unpack
 from l3rs.tasks import Task, TaskFamily
 
 TESTS = Path(__file__).parent
@@ -116,11 +116,13 @@ def held_out_val_loss(task: Task, make, steps: int, seeds: range) -> float:
 
 
 # ----------------------------------------------------------------------------------- the unroll itself
-def test_unroll_matches_the_l3rs_optimizer():
-    """The meta-training unroll and `L3RS.step` are the same optimizer (one implementation of the math)."""
-    task, config = stiff_task(), functional.Config()
+@pytest.mark.parametrize("average", [0.0, 0.25])
+def test_unroll_matches_the_l3rs_optimizer(average: float):
+    """The meta-training unroll and `L3RS.step` are the same optimizer (one implementation of the math), and
+    with averaged weights the unroll's objective reads the weights `L3RS.eval()` puts in the model."""
+    task, config = stiff_task(), functional.Config(average=average)
     meta = {k: v + 0.3 * torch.randn_like(v) for k, v in config.init_meta(2, seed=1).items()}
-    _, particle = unroll(task, meta, 0.02, 12, seed=7, config=config, horizon=H)
+    value, particle = unroll(task, meta, 0.02, 12, seed=7, config=config, horizon=H, val_subset=None)
     model = task.model_fn(7)
     opt = L3RS(model.named_parameters(), lr=0.02, total_steps=H, config=config, meta=meta)
     for idx in task.batch_indices(7, H)[:12]:  # the unroll's batches
@@ -130,15 +132,23 @@ def test_unroll_matches_the_l3rs_optimizer():
         opt.step(loss=loss.detach())
     for name, p in model.named_parameters():
         torch.testing.assert_close(particle.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+    opt.eval()
+    torch.testing.assert_close(value, task.loss(model(task.val[0]), task.val[1]).detach(), rtol=1e-5, atol=1e-6)
+    if average:
+        for a, p in zip(particle.average, model.parameters(), strict=True):
+            torch.testing.assert_close(a, p.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(particle.average[0], particle.params["slow.weight"])
 
 
-def test_truncated_unrolls_replay_the_full_unroll():
-    task, config = stiff_task(), functional.Config()
+@pytest.mark.parametrize("average", [0.0, 0.25])
+def test_truncated_unrolls_replay_the_full_unroll(average: float):
+    task, config = stiff_task(), functional.Config(average=average)
     meta = config.init_meta(2, seed=3)
     full, _ = unroll(task, meta, 0.02, H, seed=5, config=config, horizon=H)
     particle = None
     for _ in range(3):
         part, particle = unroll(task, meta, 0.02, H // 3, seed=5, config=config, horizon=H, particle=particle)
+        particle = unpack(pack(particle, "p."), "p.")  # through a checkpoint and back
     assert float(part) == float(full)
 
 
@@ -182,10 +192,18 @@ def test_linearized_whole_run_gradient_equals_first_order_backprop_through_the_r
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"truncation": -1}, "truncation must be an int >= 0"),
     ({"truncation": 0, "objective": "train_loss"}, "final objective"),
+    ({"truncation": 0, "config": functional.Config(average=0.125)}, "not averaged ones"),
 ])
 def test_meta_config_refuses_truncations_it_cannot_run(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MetaConfig(**kwargs)
+
+
+def test_whole_run_gradients_refuse_averaged_weights():
+    config = functional.Config(average=0.125)
+    with pytest.raises(ValueError, match="not the leaves"):
+        linearized_grad(stiff_task(), config.init_meta(2), 0.02, 1, 10, config=config, objective="val_loss",
+                        transform=torch.log, val_subset=None, device=None)
 
 
 def test_centered_ranks_give_non_finite_members_the_worst_rank():

@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--step-budget", choices=STEP_BUDGETS, default=Config.step_budget,
                         help="shared: the learned λ only redistributes λ0·b(t) over tensors (the model-wide "
                              "RMS step stays the schedule's); free: each tensor's λ moves on its own")
+    parser.add_argument("--average", type=float, default=Config.average, metavar="FRACTION",
+                        help="evaluate an EMA of the weights over this fraction of the run (0: off; e.g. 0.125 "
+                             "with --schedule constant); the optimizer then needs eval() / train() like "
+                             "schedule-free ones")
     parser.add_argument("--max-log-scale", type=float, default=Config.max_log_scale,
                         help="bound on the learned deviation: λ within λ0·b(t)·e^±this")
     parser.add_argument("--tasks-per-iteration", type=int, default=d.tasks_per_iteration,
@@ -107,7 +111,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
     try:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
         config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
-                        max_log_scale=args.max_log_scale, step_budget=args.step_budget)
+                        max_log_scale=args.max_log_scale, step_budget=args.step_budget, average=args.average)
         priors = tuple(p.strip() for p in args.priors.split(",") if p.strip()) if args.priors is not None else None
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=1_000_000 if args.iterations is None else args.iterations,

@@ -84,6 +84,9 @@ class MetaConfig:
         if self.truncation == 0 and self.estimator == "bptt" and self.objective == "train_loss":
             raise ValueError("truncation 0 (whole runs) differentiates the run's final objective: use objective "
                              "'val_loss' with estimator 'bptt'")
+        if self.truncation == 0 and self.estimator == "bptt" and self.config.average:
+            raise ValueError("truncation 0 (whole runs) replays the trained weights, not averaged ones: give "
+                             "--truncation > 0 or --average 0")
         if self.objective == "val_metric" and self.estimator == "bptt":
             raise ValueError("objective 'val_metric' is not differentiable: use estimator 'es' or 'pes'")
         if not isinstance(self.truncation, int) or self.truncation < 0:

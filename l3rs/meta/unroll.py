@@ -31,6 +31,7 @@ class Particle(NamedTuple):
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     state: functional.State
+    average: list[Tensor] | None = None  # the averaged weights (Config.average), in params' order
 
 
 def _map(fn: Callable[[Tensor], Tensor], particle: Particle) -> Particle:
@@ -44,7 +45,8 @@ def _map(fn: Callable[[Tensor], Tensor], particle: Particle) -> Particle:
                                theta0=each(moments.theta0))
     fs = features.FeatureState(*(None if t is None else fn(t) for t in fs))
     params = {k: fn(v) for k, v in particle.params.items()}
-    return Particle(params, {k: fn(v) for k, v in particle.buffers.items()}, functional.State(moments, fs))
+    return Particle(params, {k: fn(v) for k, v in particle.buffers.items()}, functional.State(moments, fs),
+                    each(particle.average))
 
 
 def _val_split(task: Task, val_subset: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -87,6 +89,9 @@ def unroll(
     truncated unrolls replay exactly the full unroll's data.
     """
     config = config or Config()
+    if graph == "step" and config.average:
+        raise ValueError("averaged weights (Config.average) are not the leaves a whole-run gradient replays: "
+                         "use truncated unrolls")
     model = task.model_fn(seed)
     if device is not None:
         model = model.to(device)
@@ -97,7 +102,8 @@ def unroll(
         buffers = {k: v.clone() for k, v in particle.buffers.items()}
     names, plist = list(params), list(params.values())
     dev = plist[0].device
-    state = particle.state if particle is not None else functional.init(config, plist)
+    fresh = functional.average_init(plist) if config.average and particle is None else None
+    state, average = (functional.init(config, plist), fresh) if particle is None else particle[2:]
     start = state.moments.step
     horizon = horizon or start + steps
     x_train, y_train = task.train[0].to(dev), task.train[1].to(dev)
@@ -109,7 +115,7 @@ def unroll(
         current = dict(zip(names, plist, strict=True))
         loss = task.loss(call(current, buffers, x_train[idx]), y_train[idx])
         if not math.isfinite(float(loss.detach())):
-            return torch.tensor(math.inf), _map(Tensor.detach, Particle(current, buffers, state))
+            return torch.tensor(math.inf), _map(Tensor.detach, Particle(current, buffers, state, average))
         grads = list(torch.autograd.grad(loss, plist, create_graph=graph == "second", retain_graph=retain))
         with torch.set_grad_enabled(graph is not None):
             updates, state, _ = functional.update(config, meta, grads, state, plist, lr=lr0,
@@ -117,16 +123,19 @@ def unroll(
             if cotangent is not None:
                 torch.autograd.backward(updates, cotangent)
             plist = functional.apply_updates(plist, updates)
+            if average is not None:
+                average = functional.average_update(config, average, plist, state.moments.step, horizon)
         if graph is None:
             plist = [p.requires_grad_(True) for p in plist]
         elif graph == "step":
             plist = [p.detach().requires_grad_(True) for p in plist]
         losses.append(loss.detach() if graph == "step" else loss)
     current = dict(zip(names, plist, strict=True))
-    value = _objective(task, call, current, buffers, model, objective, losses, val_subset, graph)
+    evaluated = current if average is None else dict(zip(names, average, strict=True))
+    value = _objective(task, call, evaluated, buffers, model, objective, losses, val_subset, graph)
     if graph == "step":  # the caller differentiates the objective w.r.t. these very leaves (state has no graph)
         return value, Particle(current, buffers, state)
-    return value, _map(Tensor.detach, Particle(current, buffers, state))
+    return value, _map(Tensor.detach, Particle(current, buffers, state, average))
 
 
 def linearized_grad(task: Task, meta: mixer.Meta, lr0: float, seed: int, horizon: int, *, config: Config,
@@ -280,6 +289,7 @@ def pack(particle: Particle, prefix: str) -> dict[str, Tensor]:
     out[f"{prefix}step"] = torch.tensor(moments.step)
     for key in ("m", "v", "s", "theta0"):
         out |= {f"{prefix}{key}.{i}.": v for i, v in enumerate(getattr(moments, key) or [])}
+    out |= {f"{prefix}average.{i}.": v for i, v in enumerate(particle.average or [])}
     feats = particle.state.features._asdict().items()
     out |= {f"{prefix}feature.0.{k}": v for k, v in feats if v is not None}
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
@@ -303,4 +313,5 @@ def unpack(tensors: dict[str, Tensor], prefix: str) -> Particle:
                       tensors_of("theta0"))
     feats = dict(ordered("feature"))
     fs = features.FeatureState(*(feats.get(k) for k in features.FeatureState._fields))
-    return Particle(dict(ordered("param")), dict(ordered("buffer")), functional.State(moments, fs))
+    return Particle(dict(ordered("param")), dict(ordered("buffer")), functional.State(moments, fs),
+                    tensors_of("average"))
