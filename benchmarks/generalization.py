@@ -108,7 +108,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/generalization")
     parser.add_argument("--budget-minutes", type=float, default=None, help="meta-training (default: the CLI's)")
     parser.add_argument("--horizons", default="1,2,5")
-    parser.add_argument("--seeds", type=int, default=5)
+    # 10: on cnn04 a single run's final loss varies 10-30% from seed to seed, and 5 seeds turned a 10%-worse
+    # rotated verdict into a tie (docs/RESULTS.md, session 21); the stored evaluations hold 10 seeds to reuse
+    parser.add_argument("--seeds", type=int, default=10, help="held-out evaluation seeds (default 10)")
     parser.add_argument("--baselines", default=",".join(DEFAULT_BASELINES))
     parser.add_argument("--shifts", default="rotated", help="as `l3rs evaluate --shifts` (auto, none or names)")
     parser.add_argument("--workers", type=int, default=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 import warnings
 
 import pytest
@@ -130,3 +131,18 @@ def test_lightning_callback_is_what_feeds_the_loss_under_a_grad_scaler(tmp_path)
     fed = main(steps=3, precision=None, out=str(tmp_path), callbacks=[LightningCallback(log_lr=False)],
                plugins=[fp16()])
     assert "loss_ref" in fed.optimizers[0].state["l3rs"]["features"]
+
+
+def test_lightning_callback_validates_the_averaged_weights() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = L3RS(model.named_parameters(), lr=0.1, total_steps=10, average=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).square().sum().backward()
+        opt.step()
+    trained = model.weight.detach().clone()
+    trainer, callback = types.SimpleNamespace(optimizers=[opt]), LightningCallback(log_lr=False)
+    callback.on_validation_start(trainer, None)
+    assert not torch.equal(model.weight, trained)  # the averaged weights
+    callback.on_validation_end(trainer, None)
+    assert torch.equal(model.weight, trained)

@@ -6,6 +6,9 @@ Where it does not (``16-mixed``: the GradScaler calls a bare ``step()`` after ru
 manual optimization), add `L3RSCallback`: it hands every training loss to `L3RS.observe_loss` just before
 backward. It also logs the mean learned λ per param group as ``l3rs/lr-<optimizer>-<group>``
 (``LearningRateMonitor`` shows group "lr", which for L3RS is λ0, the scale the learned schedule multiplies).
+An L3RS with averaged weights (``average`` > 0) needs the callback too: it validates the averaged weights
+(`L3RS.eval` when validation starts, `L3RS.train` when it ends); call ``eval()`` yourself before testing or
+saving the model after training.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ class L3RSCallback(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         for _, opt in _l3rs_optimizers(trainer):
             opt.observe_loss(loss)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for _, opt in _l3rs_optimizers(trainer):
+            opt.eval()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for _, opt in _l3rs_optimizers(trainer):
+            opt.train()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
