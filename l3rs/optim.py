@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from l3rs import features, functional, mixer
+from l3rs import params as params_lib
 from l3rs.checkpoint import CheckpointError, check_meta, load_meta, match_embedding, save_meta
 from l3rs.functional import Config
 
@@ -26,69 +27,6 @@ __all__ = ["L3RS", "CheckpointError", "load_meta", "save_meta"]
 _GLOBAL = "l3rs"  # key of the optimizer-wide entry in self.state (step, feature EMAs, skipped steps)
 _SAVED_GLOBAL = "l3rs_state"  # where state_dict() keeps that entry: in param_groups[0], as Prodigy or
 # schedule-free keep their optimizer-wide values, so tools that map state keys to parameters accept it
-_UNKNOWN_POLICIES = ("error", "mean")
-
-
-def _named(params: Any) -> list[Any]:
-    """Materialize the params argument and insist on names (coefficients are keyed by name)."""
-    params = list(params)
-    if not params:
-        raise ValueError("L3RS got an empty parameter list")
-    groups = params if isinstance(params[0], dict) else [{"params": params}]
-    for group in groups:
-        items = list(group["params"])
-        group["params"] = items
-        for item in items:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-                raise TypeError(
-                    "L3RS identifies tensors by name: pass model.named_parameters() (or param groups whose "
-                    "'params' are (name, tensor) pairs), not model.parameters()"
-                )
-    return groups
-
-
-def _check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
-        raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
-    if unknown not in _UNKNOWN_POLICIES:
-        raise ValueError(f"unknown must be one of {_UNKNOWN_POLICIES}, got {unknown!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-
-
-def _build_config(config: Config | None, bases: Iterable[str] | None, normalize: bool, mix: str,
-                  schedule: str, average: float) -> Config:
-    if config is None:
-        return Config(bases=tuple(bases) if bases is not None else Config.bases, normalize=normalize, mix=mix,
-                      schedule=schedule, average=average)
-    if bases is not None:
-        raise ValueError("pass either bases=... or config=..., not both")
-    return config
-
-
-def _trainable(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[str]]:
-    """The tensors that require grad (in group order) and their names, which must be unique."""
-    pairs = [(name, p) for g in groups for name, p in zip(g["param_names"], g["params"], strict=True)
-             if p.requires_grad]
-    if not pairs:
-        raise ValueError("L3RS got no parameter that requires grad")
-    names = [n for n, _ in pairs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"parameter names must be unique, repeated: {dupes}")
-    return [p for _, p in pairs], names
-
-
-def _one_device(params: list[Tensor], names: list[str]) -> torch.device:
-    """The single device of all tensors (the foreach kernels and the mixer work on one device)."""
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        where = {str(d): next(n for n, p in zip(names, params, strict=True) if p.device == d) for d in devices}
-        raise ValueError(f"L3RS needs all parameters on one device, got {sorted(where)} (e.g. {where}); "
-                         "use one L3RS per device")
-    return params[0].device
 
 
 def _clone(value: Any, device: torch.device | None = None) -> Any:
@@ -161,14 +99,14 @@ class L3RS(torch.optim.Optimizer):
         seed: int = 0,
         _saved: dict[str, Any] | None = None,
     ) -> None:
-        _check_arguments(lr, total_steps, unknown, weight_decay)
-        config = _build_config(config, bases, normalize, mix, schedule, average)
+        params_lib.check_arguments(lr, total_steps, unknown, weight_decay)
+        config = params_lib.build_config(config, bases, normalize, mix, schedule, average)
         self._built = False
-        super().__init__(_named(params), {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params_lib.named(params), {"lr": lr, "weight_decay": weight_decay})
         self.config = config
         self.total_steps, self.average_loss, self.state_dtype = total_steps, average_loss, state_dtype
-        self._params, self.param_names = _trainable(self.param_groups)
-        device = _one_device(self._params, self.param_names)
+        self._params, self.param_names = params_lib.trainable(self.param_groups)
+        device = params_lib.one_device(self._params, self.param_names)
         self.meta = self._resolve_meta(meta, _saved, unknown, seed, device)
         # Scratch buffers reused across steps (not state: never saved). Only on CPU, where fresh multi-MB
         # tensors page-fault; CUDA's caching allocator makes fresh ones cheap and its fused foreach kernels
