@@ -152,9 +152,10 @@ def test_truncated_unrolls_replay_the_full_unroll(average: float):
     assert float(part) == float(full)
 
 
-def test_bptt_meta_gradient_matches_finite_differences():
+@pytest.mark.parametrize("average", [0.0, 0.25])  # with averaged weights the objective reads their average
+def test_bptt_meta_gradient_matches_finite_differences(average: float):
     # features="none": the statistics features are detached by design, so only then is it the full derivative
-    task, config = stiff_task(), functional.Config(bases=("sgd", "adam"), features="none")
+    task, config = stiff_task(), functional.Config(bases=("sgd", "adam"), features="none", average=average)
     gen = torch.Generator().manual_seed(0)
     meta = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in config.init_meta(2, seed=2).items()}
     vector = mixer.flatten(meta).requires_grad_(True)

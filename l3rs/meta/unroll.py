@@ -102,8 +102,11 @@ def unroll(
         buffers = {k: v.clone() for k, v in particle.buffers.items()}
     names, plist = list(params), list(params.values())
     dev = plist[0].device
-    fresh = functional.average_init(plist) if config.average and particle is None else None
-    state, average = (functional.init(config, plist), fresh) if particle is None else particle[2:]
+    if particle is None:
+        state = functional.init(config, plist)
+        average = functional.average_init(plist) if config.average else None
+    else:
+        state, average = particle.state, particle.average
     start = state.moments.step
     horizon = horizon or start + steps
     x_train, y_train = task.train[0].to(dev), task.train[1].to(dev)
