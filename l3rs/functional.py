@@ -2,14 +2,16 @@
 
 For every tensor l (one named parameter):
 
-    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p},     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · b(t/T) · exp(s_l)
+    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p} − λ0 · h(T) · b(t/T) · wd · θ_l,
+    d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · b(t/T) · exp(s_l)
 
 with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding, and b a fixed
 base schedule over the run's progress t/T (warm-up, then cosine decay), h(T) = min(1, T_ref/T)^α the
 step's shrinkage for runs longer than the meta-training horizon T_ref: the mixer learns a bounded
 deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
 step_budget="shared", s is shifted so that Σ_l numel_l · exp(2 s_l) = Σ_l numel_l: the mixer redistributes
-the step over tensors and the model-wide RMS step stays λ0 · h(T) · b(t/T).
+the step over tensors and the model-wide RMS step stays λ0 · h(T) · b(t/T). wd is AdamW's decoupled weight
+decay (`Config.weight_decay`, 0.01 as AdamW's default), scaled by the scheduled step.
 
     state = init(config, params)
     updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
@@ -74,6 +76,10 @@ class Config:
     # > 0: the weights to evaluate are an average of the iterates, an EMA over this fraction of the run
     # (`average_update`): trained weights keep moving at full step, evaluated ones are always settled
     average: float = 0.0
+    # decoupled weight decay, as AdamW's (and at its default): every step also moves each weight by
+    # −λ0·h(T)·b(t/T)·weight_decay·θ, the scheduled step without the learned per-tensor factor (which can
+    # differ by e^±3 across tensors and would make the decay's strength unpredictable)
+    weight_decay: float = 0.01
     hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
 
     def __post_init__(self) -> None:
@@ -101,6 +107,8 @@ class Config:
             raise ValueError(f"max_log_scale must be positive, got {self.max_log_scale!r}")
         if not 0 <= self.average <= 1:
             raise ValueError(f"average must be a fraction of the run in [0, 1] (0: off), got {self.average!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         if not (self.horizon_exponent >= 0 and math.isfinite(self.horizon_exponent)):
             raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
         if isinstance(self.hyper, dict):
@@ -129,7 +137,8 @@ class Config:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        return cls(**{"step_budget": "free", **d})  # optimizers saved before step_budget existed: free λ
+        # optimizers saved before step_budget / weight_decay existed: free λ, no decay (their meaning unchanged)
+        return cls(**{"step_budget": "free", "weight_decay": 0.0, **d})
 
     def init_meta(self, num_tensors: int, seed: int = 0, lean: str | None = None) -> mixer.Meta:
         """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global"): a uniform
@@ -251,28 +260,42 @@ def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned:
 
 
 def update(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
-           lr: Tensor | float, loss: Tensor | float | None = None,
-           total_steps: int | None = None) -> tuple[TensorList, State, Coefficients]:
+           lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
+           weight_decay: Tensor | float | None = None) -> tuple[TensorList, State, Coefficients]:
     """One L3RS step, pure: returns (updates to add to params, new state, coefficients used).
 
-    Nothing is mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph). This is what
-    meta-training unrolls."""
-    return _step(config, meta, grads, state, params, lr, loss, total_steps, inplace=False, workspace=None)
+    `weight_decay` (a float or one per tensor; None: `config.weight_decay`) decays each weight by its
+    scheduled step. Nothing is mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph).
+    This is what meta-training unrolls."""
+    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, inplace=False,
+                 workspace=None)
 
 
 def update_(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
             lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
+            weight_decay: Tensor | float | None = None,
             workspace: base_lib.Workspace | None = None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The same step on the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
     OVERWRITTEN and returned in the new state; a non-finite gradient returns (None, state, None) before
     touching anything. With a `workspace`, intermediates and the returned updates live in its reused buffers
     (valid until its next step) instead of fresh tensors."""
-    return _step(config, meta, grads, state, params, lr, loss, total_steps, inplace=True,
+    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, inplace=True,
                  workspace=None if torch.is_grad_enabled() else workspace)
 
 
+def _decay_scale(config: Config, lr: Tensor | float, weight_decay: Tensor | float | None, step: int,
+                 total_steps: int | None, like: Tensor) -> Tensor | None:
+    """Per-tensor coefficient c [T] of the decoupled decay term c·θ (None: no decay)."""
+    decay = config.weight_decay if weight_decay is None else weight_decay
+    if not isinstance(decay, Tensor) and not decay:
+        return None
+    scheduled = schedule(config, step, total_steps) * horizon_scale(config, total_steps)
+    return -torch.as_tensor(lr, dtype=like.dtype, device=like.device) * scheduled * decay * torch.ones_like(like)
+
+
 def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList,
-          lr: Tensor | float, loss: Tensor | float | None, total_steps: int | None, inplace: bool,
+          lr: Tensor | float, loss: Tensor | float | None, total_steps: int | None,
+          weight_decay: Tensor | float | None, inplace: bool,
           workspace: base_lib.Workspace | None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The one implementation of the math behind `update` (pure) and `update_` (in place)."""
     device = params[0].device
@@ -318,6 +341,9 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
     for p, d, factor in deferred:
         scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel, snr)
         updates = _accumulate(updates, d, scale, False, scratch)
+    decay = _decay_scale(config, lr, weight_decay, state.moments.step, total_steps, lam.detach())
+    if decay is not None:  # last, after every direction: both paths sum in the same order
+        updates = _accumulate(updates, params, decay.to(params[0].dtype), False, scratch)
     return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)
 
 

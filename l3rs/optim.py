@@ -47,10 +47,11 @@ class L3RS(torch.optim.Optimizer):
         lr: λ0, the base step size; an untrained L3RS steps every tensor by ``lr`` times the base schedule
             (per element, with ``normalize=True``) along the uniform mix of its base directions.
         total_steps: the run's horizon, fed to the mixer as training progress (None: unknown).
-        weight_decay: decoupled (AdamW-style) decay, per group (default 0): each step multiplies the
-            weights by ``1 - lr * weight_decay`` with the group's λ0, not the learned λ: the learned λ was
-            meta-trained without decay, and per-tensor λ can differ by orders of magnitude, so scaling decay
-            by it would make its strength unpredictable. It does not feed the features.
+        weight_decay: decoupled (AdamW-style) decay, per group; None (default): the optimizer's own,
+            ``config.weight_decay`` (0.01 as AdamW's, what meta-training trained with; 0 for optimizers saved
+            before it existed). Each step moves the weights by ``-lr * b(t / total_steps) * weight_decay * θ``:
+            the group's λ0 on the base schedule, not the learned per-tensor λ (which can differ by e^±3 across
+            tensors and would make the decay's strength unpredictable). It does not feed the features.
         bases, normalize, mix, schedule: see `l3rs.functional.Config`. The untrained optimizer steps by
             ``lr * b(t / total_steps)`` with b the base schedule (default: short warm-up, then cosine decay;
             ``schedule="constant"`` keeps λ = lr; without ``total_steps`` it is constant too).
@@ -85,7 +86,7 @@ class L3RS(torch.optim.Optimizer):
         lr: float = 1e-3,
         total_steps: int | None = None,
         *,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         bases: Iterable[str] | None = None,
         normalize: bool = True,
         mix: str = "softmax",
@@ -112,7 +113,7 @@ class L3RS(torch.optim.Optimizer):
         # tensors page-fault; CUDA's caching allocator makes fresh ones cheap and its fused foreach kernels
         # beat the per-tensor loops that filling existing buffers needs.
         self._workspace = functional.base_lib.Workspace() if device.type == "cpu" else None
-        self._lr0_cache: tuple[Any, Tensor | None] = (None, None)
+        self._per_tensor_cache: tuple[Any, tuple[Tensor, Tensor] | None] = (None, None)
         self._observed: list[Tensor] = []
         self._init_state()
         self._built = True
@@ -187,13 +188,15 @@ class L3RS(torch.optim.Optimizer):
 
         return functional.base_lib.Moments(self.step_count, field("m"), field("v"), field("s"), field("theta0"))
 
-    def _lr0(self) -> Tensor:
-        """λ0 per tensor; rebuilt only when a group's lr changed (e.g. by a scheduler)."""
-        key = tuple(g["lr"] for g in self.param_groups)
-        if self._lr0_cache[0] != key:
-            lrs = [g["lr"] for g in self.param_groups for p in g["params"] if p.requires_grad]
-            self._lr0_cache = (key, torch.tensor(lrs, dtype=torch.float32, device=self._params[0].device))
-        return self._lr0_cache[1]
+    def _per_tensor(self) -> tuple[Tensor, Tensor]:
+        """(λ0, weight decay) per tensor; rebuilt only when a group's lr or decay changed (e.g. by a scheduler)."""
+        key = tuple((g["lr"], g["weight_decay"]) for g in self.param_groups)
+        if self._per_tensor_cache[0] != key:
+            rows = [(g["lr"], self.config.weight_decay if g["weight_decay"] is None else g["weight_decay"])
+                    for g in self.param_groups for p in g["params"] if p.requires_grad]
+            values = torch.tensor(rows, dtype=torch.float32, device=self._params[0].device)
+            self._per_tensor_cache = (key, (values[:, 0], values[:, 1]))
+        return self._per_tensor_cache[1]
 
     # ---------------------------------------------------------------------------------------- loss
     def observe_loss(self, loss: Tensor | float) -> None:
@@ -237,14 +240,15 @@ class L3RS(torch.optim.Optimizer):
         meta = self.meta if subset is None or self.config.scope == "global" else {
             **self.meta, "embedding": self.meta["embedding"][subset]}
         state = functional.State(self._moments(params), self._feature_state(subset))
-        lr = self._lr0() if subset is None else self._lr0()[rows]
+        lr, decay = self._per_tensor()
+        if subset is not None:
+            lr, decay = lr[rows], decay[rows]
         updates, new, _ = functional.update_(
             self.config, meta, self._compute_dtype(grads), state, self._compute_dtype(params), lr=lr,
-            loss=feature_loss, total_steps=self.total_steps, workspace=self._workspace)
+            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay, workspace=self._workspace)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss
-        self._decay_weights()
         torch._foreach_add_(params, updates)
         if self.config.average:
             functional.average_update(self.config, [self.state[p]["average"] for p in params], params,
@@ -273,14 +277,6 @@ class L3RS(torch.optim.Optimizer):
             average.copy_(held)
         self.state[_GLOBAL] = {**self.state[_GLOBAL], "evaluating": evaluating}
 
-    def _decay_weights(self) -> None:
-        """Decoupled weight decay: θ ← θ·(1 − λ0·wd) for the groups that ask for it (before the update)."""
-        for group in self.param_groups:
-            if group["weight_decay"]:
-                decayed = [p for p in group["params"] if p.requires_grad and p.grad is not None]
-                if decayed:
-                    torch._foreach_mul_(decayed, 1 - group["lr"] * group["weight_decay"])
-
     # -------------------------------------------------------------------------------- introspection
     @torch.no_grad()
     def coefficients(self) -> dict[str, dict[str, Any]]:
@@ -308,8 +304,8 @@ class L3RS(torch.optim.Optimizer):
         x = functional.feature_matrix(self.config, self._feature_state(None), self.step_count, self.total_steps,
                                       len(self._params), self._params[0].device)
         sizes = torch.tensor([float(p.numel()) for p in self._params], device=x.device)
-        return functional.coefficients(self.config, self.meta, x, self._lr0(), self.step_count, self.total_steps,
-                                       sizes)
+        return functional.coefficients(self.config, self.meta, x, self._per_tensor()[0], self.step_count,
+                                       self.total_steps, sizes)
 
     # ------------------------------------------------------------------------------- (de)serialization
     def state_dict(self) -> dict[str, Any]:
@@ -341,7 +337,7 @@ class L3RS(torch.optim.Optimizer):
         super().load_state_dict({**state_dict, "param_groups": groups})
         if overall is not None:
             self.state[_GLOBAL] = _clone(overall, self._params[0].device)
-        self._lr0_cache = (None, None)
+        self._per_tensor_cache = (None, None)
 
     def save_pretrained(self, path: str | os.PathLike, **info: Any) -> Path:
         """Write ``optimizer.safetensors`` + ``optimizer.json`` into directory `path` (atomically)."""

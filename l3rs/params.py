@@ -39,8 +39,10 @@ def check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any) 
         raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
     if unknown not in UNKNOWN_POLICIES:
         raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if weight_decay is not None and not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
+                                         and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0 or None (the optimizer's own), "
+                         f"got {weight_decay!r}")
 
 
 def build_config(config: Config | None, bases: Iterable[str] | None, normalize: bool, mix: str,

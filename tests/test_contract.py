@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from l3rs import functional
+from l3rs.functional import Config
 from l3rs.optim import L3RS, CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,23 +59,54 @@ def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------- weight decay
 def test_weight_decay_is_decoupled_per_group_and_scales_with_lr0():
-    decayed, plain = small_model(), small_model()
+    decayed, plain, default = small_model(), small_model(), small_model()
     lr, wd = 1e-2, 0.5
     groups = [{"params": list(decayed[0].named_parameters(prefix="0")), "weight_decay": wd},
-              {"params": list(decayed[2].named_parameters(prefix="2"))}]
+              {"params": list(decayed[2].named_parameters(prefix="2")), "weight_decay": 0.0}]
     opt_d = L3RS(groups, lr=lr)
-    opt_p = L3RS(plain.named_parameters(), lr=lr)
+    opt_p = L3RS(plain.named_parameters(), lr=lr, weight_decay=0.0)
+    opt_default = L3RS(default.named_parameters(), lr=lr)  # None: the config's own decay, on every tensor
     before = copy.deepcopy(decayed)
-    run(decayed, opt_d, 1)
-    run(plain, opt_p, 1)
+    for model, opt in ((decayed, opt_d), (plain, opt_p), (default, opt_default)):
+        run(model, opt, 1)
     # the first step's update does not depend on the decay, so the difference is the decay alone
+    # (no total_steps: the base schedule is 1)
+    own = opt_default.config.weight_decay
+    assert own == Config().weight_decay > 0
     for name, p in decayed.named_parameters():
         q, p0 = dict(plain.named_parameters())[name], dict(before.named_parameters())[name]
         expected = -lr * wd * p0 if name.startswith("0.") else torch.zeros_like(p0)
         torch.testing.assert_close(p - q, expected, atol=1e-7, rtol=1e-4)
-    assert opt_p.param_groups[0]["weight_decay"] == 0.0
+        torch.testing.assert_close(dict(default.named_parameters())[name] - q, -lr * own * p0, atol=1e-7, rtol=1e-4)
+    assert opt_default.param_groups[0]["weight_decay"] is None
     with pytest.raises(ValueError, match="weight_decay"):
         L3RS(small_model().named_parameters(), weight_decay=-1.0)
+
+
+def test_weight_decay_follows_the_base_schedule():
+    config, lr, total = Config(), 1e-2, 10
+    params = [p.detach() for p in small_model().parameters()]
+    meta = config.init_meta(len(params))
+    state = functional.init(config, params)
+    for _ in range(3):  # a few steps in: past the warm-up, the schedule is below 1
+        grads = [torch.randn_like(p) for p in params]
+        updates, state, _ = functional.update(config, meta, grads, state, params, lr=lr, total_steps=total)
+        params = functional.apply_updates(params, updates)
+    grads = [torch.randn_like(p) for p in params]
+    plain, _, _ = functional.update(config, meta, grads, state, params, lr=lr, total_steps=total, weight_decay=0.0)
+    decayed, _, _ = functional.update(config, meta, grads, state, params, lr=lr, total_steps=total, weight_decay=0.3)
+    b = functional.schedule(config, 3, total)
+    assert 0 < b < 1
+    for d, u, p in zip(decayed, plain, params, strict=True):
+        torch.testing.assert_close(d - u, -lr * b * 0.3 * p, atol=1e-8, rtol=1e-4)
+
+
+def test_optimizers_saved_before_weight_decay_load_without_it():
+    saved = Config().to_dict()
+    del saved["weight_decay"]
+    assert Config.from_dict(saved).weight_decay == 0.0
+    with pytest.raises(ValueError, match="weight_decay"):
+        Config(weight_decay=-0.1)
 
 
 # ------------------------------------------------------------------------------------- add_param_group

@@ -54,7 +54,7 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def test_single_base_unnormalized_reproduces_torch(base, reference):
     ours, theirs = small_model(), small_model()
     lr = reference(theirs.parameters()).defaults["lr"]
-    opt = L3RS(ours.named_parameters(), lr=lr, bases=(base,), normalize=False)
+    opt = L3RS(ours.named_parameters(), lr=lr, bases=(base,), normalize=False, weight_decay=0.0)
     train(ours, opt, 50)
     train(theirs, reference(theirs.parameters()), 50)
     assert max_diff(ours, theirs) < 1e-6
@@ -63,7 +63,8 @@ def test_single_base_unnormalized_reproduces_torch(base, reference):
 
 def test_snr_normalized_adam_alone_is_adam():
     ours, theirs = small_model(), small_model()
-    opt = L3RS(ours.named_parameters(), lr=0.01, bases=("adam",), normalize="snr", schedule="constant")
+    opt = L3RS(ours.named_parameters(), lr=0.01, bases=("adam",), normalize="snr", schedule="constant",
+               weight_decay=0.0)
     train(ours, opt, 50)
     train(theirs, torch.optim.Adam(theirs.parameters(), lr=0.01), 50)
     assert max_diff(ours, theirs) < 1e-6  # unit RMS times the Adam direction's RMS: Adam itself
@@ -73,7 +74,7 @@ def test_snr_normalized_adam_alone_is_adam():
 
 def test_momentum_base_is_ema_momentum_sgd():
     ours, theirs = small_model(), small_model()
-    opt = L3RS(ours.named_parameters(), lr=0.1, bases=("momentum",), normalize=False)
+    opt = L3RS(ours.named_parameters(), lr=0.1, bases=("momentum",), normalize=False, weight_decay=0.0)
     train(ours, opt, 50)
     x, y = data()
     bufs = [torch.zeros_like(p) for p in theirs.parameters()]
@@ -90,7 +91,7 @@ def test_momentum_base_is_ema_momentum_sgd():
 def test_normalized_single_base_steps_by_exactly_lr_per_element():
     model = small_model()
     before = copy.deepcopy(model)
-    opt = L3RS(model.named_parameters(), lr=1e-3, bases=("rmsprop",))
+    opt = L3RS(model.named_parameters(), lr=1e-3, bases=("rmsprop",), weight_decay=0.0)
     train(model, opt, 1)
     for p, q in zip(model.parameters(), before.parameters(), strict=True):
         rms = (p - q).pow(2).mean().sqrt().item()

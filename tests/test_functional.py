@@ -45,8 +45,8 @@ def test_pure_and_in_place_steps_agree_step_by_step(base_set, with_workspace, no
 
 
 def test_snr_scales_every_tensors_unit_rms_step_by_its_adam_direction_rms():
-    rms_config = functional.Config(bases=bases.DEFAULT)
-    snr_config = functional.Config(bases=bases.DEFAULT, normalize="snr")
+    rms_config = functional.Config(bases=bases.DEFAULT, weight_decay=0.0)
+    snr_config = functional.Config(bases=bases.DEFAULT, normalize="snr", weight_decay=0.0)
     meta = rms_config.init_meta(4)
     params, grads = _problem()
     state = functional.init(rms_config, params)

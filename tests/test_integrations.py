@@ -84,6 +84,12 @@ def test_trainer_builds_l3rs_through_optimizer_cls_and_kwargs_with_weight_decay(
     assert decays["classifier.weight"] == 0.1 and decays["classifier.bias"] == 0.0
 
 
+def test_l3rs_optimizer_without_weight_decay_keeps_the_optimizers_own_on_every_tensor():
+    opt = l3rs_optimizer(tiny_bert(), lr=1e-3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [None]  # config.weight_decay, as meta-trained
+    assert opt.config.weight_decay > 0
+
+
 def test_trainer_with_a_meta_trained_optimizer(tmp_path):
     donor = L3RS(tiny_bert(1).named_parameters(), lr=2e-3, total_steps=10)
     for v in donor.meta.values():

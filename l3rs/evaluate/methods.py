@@ -35,7 +35,7 @@ from l3rs.mixer import depth
 from l3rs.optim import L3RS
 
 ATMO_CONFIG = Config(bases=("sgd", "adam"), features="none", scope="global", schedule="constant",
-                     step_budget="free")  # ATMO: fixed
+                     step_budget="free", weight_decay=0.0)  # ATMO: fixed, as the paper (no decay)
 SCHEDULEFREE_LR = 0.0025  # AdamWScheduleFree's default
 SCHEDULEFREE_WARMUP = 0.05  # share of the run
 AVERAGING_GAMMA = 8.0  # dog.PolynomialDecayAverager's default

@@ -31,9 +31,12 @@ from l3rs.optim import L3RS
 __all__ = ["L3RSCallback", "L3RSFactory", "l3rs_optimizer", "param_groups"]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Named param groups with decay on matrices only (not biases or norm weights), as nanoGPT does."""
+def param_groups(model: torch.nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Named param groups. None: one group at the optimizer's own decay (every tensor, as meta-training
+    decays them); a number: that decay on matrices only (not biases or norm weights), as nanoGPT does."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if weight_decay is None:
+        return [{"params": named}] if named else []
     decayed = [(n, p) for n, p in named if p.ndim >= 2]
     plain = [(n, p) for n, p in named if p.ndim < 2]
     return [g for g in ({"params": decayed, "weight_decay": weight_decay},
@@ -41,7 +44,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.0) -> list[dict
 
 
 def l3rs_optimizer(model: torch.nn.Module, lr: float | None = None, *, pretrained: str | os.PathLike | None = None,
-                   weight_decay: float = 0.0, total_steps: int | None = None, **kwargs: Any) -> L3RS:
+                   weight_decay: float | None = None, total_steps: int | None = None, **kwargs: Any) -> L3RS:
     """An L3RS for `model`: untrained (lr defaults to 1e-3) or loaded from the optimizer directory `pretrained`
     (lr defaults to the λ0 it was meta-trained with). `kwargs` go to `L3RS` (e.g. state_dtype)."""
     groups = param_groups(model, weight_decay)

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="evaluate an EMA of the weights over this fraction of the run (0: off; e.g. 0.125 "
                              "with --schedule constant); the optimizer then needs eval() / train() like "
                              "schedule-free ones")
+    parser.add_argument("--weight-decay", type=float, default=Config.weight_decay,
+                        help="decoupled weight decay of the optimizer being trained (AdamW's default; scaled "
+                             "by the scheduled step λ0·b(t); 0: none)")
     parser.add_argument("--max-log-scale", type=float, default=Config.max_log_scale,
                         help="bound on the learned deviation: λ within λ0·b(t)·e^±this")
     parser.add_argument("--tasks-per-iteration", type=int, default=d.tasks_per_iteration,
@@ -111,7 +114,8 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
     try:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
         config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
-                        max_log_scale=args.max_log_scale, step_budget=args.step_budget, average=args.average)
+                        max_log_scale=args.max_log_scale, step_budget=args.step_budget, average=args.average,
+                        weight_decay=args.weight_decay)
         priors = tuple(p.strip() for p in args.priors.split(",") if p.strip()) if args.priors is not None else None
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=1_000_000 if args.iterations is None else args.iterations,

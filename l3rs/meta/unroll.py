@@ -150,7 +150,8 @@ def linearized_grad(task: Task, meta: mixer.Meta, lr0: float, seed: int, horizon
     With the model's gradients held constant (first order), θ_T = θ_0 + Σ_t u_t(meta) and
     d L(θ_T)/d meta = Σ_t <∇L(θ_T), ∂u_t/∂meta>: one run to reach θ_T and its validation gradient, then a
     replay of the same run (same seeds, same arithmetic) backpropagating that gradient through each step's
-    update. The objective is the final one, not a truncation's: nothing rewards being greedy mid-run."""
+    update. The objective is the final one, not a truncation's: nothing rewards being greedy mid-run. The
+    weight decay's dependence on θ (a factor 1 − λ0·b·wd per step, ≈ 1) is held constant like the gradients."""
     value, end = unroll(task, meta, lr0, horizon, seed, config=config, horizon=horizon, objective=objective,
                         graph="step", val_subset=val_subset, device=device)
     transformed = transform(value)
