@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "select-1x": (["--validation-horizons", "1"], "checkpoint selection at 1x and 4x (1x only)"),
     "adam-only": (["--bases", "adam"], "the blend of base directions (Adam's alone)"),
     "uniform-prior": (["--priors", "uniform"], "the prior chosen by the λ0 sweep (the uniform mix only)"),
+    "no-decay": (["--weight-decay", "0"], "the decoupled weight decay (none)"),
 }
 
 
