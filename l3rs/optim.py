@@ -113,7 +113,7 @@ class L3RS(torch.optim.Optimizer):
         # tensors page-fault; CUDA's caching allocator makes fresh ones cheap and its fused foreach kernels
         # beat the per-tensor loops that filling existing buffers needs.
         self._workspace = functional.base_lib.Workspace() if device.type == "cpu" else None
-        self._per_tensor_cache: tuple[Any, tuple[Tensor, Tensor] | None] = (None, None)
+        self._per_tensor_cache: tuple[Any, tuple[Tensor, Tensor | float] | None] = (None, None)
         self._observed: list[Tensor] = []
         self._init_state()
         self._built = True
@@ -188,14 +188,16 @@ class L3RS(torch.optim.Optimizer):
 
         return functional.base_lib.Moments(self.step_count, field("m"), field("v"), field("s"), field("theta0"))
 
-    def _per_tensor(self) -> tuple[Tensor, Tensor]:
-        """(λ0, weight decay) per tensor; rebuilt only when a group's lr or decay changed (e.g. by a scheduler)."""
+    def _per_tensor(self) -> tuple[Tensor, Tensor | float]:
+        """(λ0, weight decay) per tensor (decay 0.0 when no tensor decays: the step skips the term); rebuilt
+        only when a group's lr or decay changed (e.g. by a scheduler)."""
         key = tuple((g["lr"], g["weight_decay"]) for g in self.param_groups)
         if self._per_tensor_cache[0] != key:
             rows = [(g["lr"], self.config.weight_decay if g["weight_decay"] is None else g["weight_decay"])
                     for g in self.param_groups for p in g["params"] if p.requires_grad]
             values = torch.tensor(rows, dtype=torch.float32, device=self._params[0].device)
-            self._per_tensor_cache = (key, (values[:, 0], values[:, 1]))
+            decay = values[:, 1] if any(wd for _, wd in rows) else 0.0
+            self._per_tensor_cache = (key, (values[:, 0], decay))
         return self._per_tensor_cache[1]
 
     # ---------------------------------------------------------------------------------------- loss
@@ -242,7 +244,7 @@ class L3RS(torch.optim.Optimizer):
         state = functional.State(self._moments(params), self._feature_state(subset))
         lr, decay = self._per_tensor()
         if subset is not None:
-            lr, decay = lr[rows], decay[rows]
+            lr, decay = lr[rows], decay[rows] if isinstance(decay, Tensor) else decay
         updates, new, _ = functional.update_(
             self.config, meta, self._compute_dtype(grads), state, self._compute_dtype(params), lr=lr,
             loss=feature_loss, total_steps=self.total_steps, weight_decay=decay, workspace=self._workspace)

@@ -83,6 +83,16 @@ def test_weight_decay_is_decoupled_per_group_and_scales_with_lr0():
         L3RS(small_model().named_parameters(), weight_decay=-1.0)
 
 
+def test_weight_decay_leaves_tensors_without_a_gradient_alone():
+    model = small_model()
+    opt = L3RS(model.named_parameters(), lr=1e-2, weight_decay=0.5)
+    loss_of(model, 0).backward()
+    model[0].weight.grad = None  # frozen for this step (e.g. a branch the batch did not reach)
+    frozen = model[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight.grad, torch.zeros(3, 16))
+
+
 def test_weight_decay_follows_the_base_schedule():
     config, lr, total = Config(), 1e-2, 10
     params = [p.detach() for p in small_model().parameters()]
