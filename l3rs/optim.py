@@ -134,6 +134,9 @@ class L3RS(torch.optim.Optimizer):
                 "L3RS does not support add_param_group after construction: create the L3RS over every tensor "
                 "you will train (e.g. set requires_grad before building it, or build a new L3RS)")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params_lib.check_group_options(group["lr"], group["weight_decay"],
+                                       f" of param group {len(self.param_groups) - 1}")
 
     # --------------------------------------------------------------------------------------- state
     def _init_state(self) -> None:

@@ -33,15 +33,20 @@ def named(params: Any) -> list[Any]:
 
 
 def check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_group_options(lr, weight_decay)
     if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
         raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
     if unknown not in UNKNOWN_POLICIES:
         raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
+
+
+def check_group_options(lr: Any, weight_decay: Any, where: str = "") -> None:
+    """The per-group options, for the constructor's defaults and for every param group (`where` names it)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr{where} must be a positive finite number, got {lr!r}")
     if weight_decay is not None and not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
                                          and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0 or None (the optimizer's own), "
+        raise ValueError(f"weight_decay{where} must be a finite number >= 0 or None (the optimizer's own), "
                          f"got {weight_decay!r}")
 
 

@@ -257,6 +257,22 @@ def test_argument_validation(kwargs, message):
         L3RS(small_model().named_parameters(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        ({"lr": 0.0}, "lr of param group 1 must be a positive"),
+        ({"weight_decay": -0.1}, "weight_decay of param group 1 must be a finite number >= 0"),
+        ({"weight_decay": float("nan")}, "weight_decay of param group 1"),
+    ],
+)
+def test_param_group_options_are_validated(group, message):
+    model = small_model()
+    groups = [{"params": list(model[0].named_parameters(prefix="0"))},
+              {"params": list(model[2].named_parameters(prefix="2")), **group}]
+    with pytest.raises(ValueError, match=message):
+        L3RS(groups, lr=1e-3)
+
+
 # --------------------------------------------------------------------------- averaged weights
 def plainly_trained(steps: int) -> tuple[torch.nn.Module, L3RS]:
     model = small_model()
