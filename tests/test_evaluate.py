@@ -526,6 +526,21 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
     assert previous(str(tmp_path / "docs"), "tiny") == copy
 
 
+def test_generalization_rows_list_every_methods_speedup(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    rows_of = importlib.import_module("benchmarks.generalization").rows_of
+
+    def method(loss: float, speedup: float | None) -> dict:
+        return {"summary": {"val_loss": {"mean": loss}}, "speedup": {"ratio": speedup},
+                "vs_best": {"ratio": 0.9, "speedup": speedup}}
+
+    scenario = {"label": "tiny x1", "multiple": 1.0, "variant": None, "best_baseline": "adamw",
+                "methods": {"l3rs": method(0.9, 1.2), "adamw": method(1.0, 1.0), "prodigy": method(1.3, None)}}
+    (row,) = rows_of({"scenarios": [scenario]})
+    assert row["speedups"] == {"l3rs": 1.2, "adamw": 1.0, "prodigy": None}
+    assert row["ratio"] == 0.9 and row["baseline_val_loss"] == 1.0
+
+
 def test_ablations_evaluate_an_optimizer_once_however_many_variants_ship_it(monkeypatch, tmp_path) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     key = importlib.import_module("benchmarks.ablations").optimizer_key
