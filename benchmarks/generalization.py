@@ -95,11 +95,11 @@ def rows_of(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
                      "l3rs_val_loss": ours["summary"]["val_loss"]["mean"],
                      "baseline_val_loss": scenario["methods"][scenario["best_baseline"]]["summary"]["val_loss"]["mean"],
                      **{k: vs.get(k) for k in ("ratio", "ratio_ci95", "speedup", "speedup_ci95", "verdict")},
-                     # the lowest-loss baseline when it is outside the tuned pool (e.g. Prodigy at its defaults)
                      # every method's speed-up over the best baseline (None: never reaches its final loss): what
                      # a speed-up target asks next to what the other optimizers reach
                      "speedups": {name: (m.get("speedup") or {}).get("ratio")
                                   for name, m in scenario["methods"].items()},
+                     # the lowest-loss baseline when it is outside the tuned pool (e.g. Prodigy at its defaults)
                      "lowest_baseline": scenario.get("lowest_baseline"),
                      "vs_lowest": {k: (scenario.get("vs_lowest") or {}).get(k) for k in ("ratio", "ratio_ci95",
                                                                                           "verdict")}})
