@@ -5,8 +5,9 @@ evaluate it against LR-tuned baselines at 1x/2x/5x its horizon and on unseen shi
                                         [--baselines-from docs/generalization]
 
 Per task and scenario: the final validation loss ratio L3RS / best tuned baseline with its 95% paired-bootstrap
-interval, the speed-up with its interval, and the verdict (from `l3rs evaluate`'s evaluation.json), plus the
-learned step size over normalized time at 1x and 5x (does λ keep its shape when the run is longer?).
+interval, the speed-up with its interval, and the verdict (from `l3rs evaluate`'s evaluation.json), every
+method's speed-up over that baseline (`speedups`: what a target asks next to what other optimizers reach), plus
+the learned step size over normalized time at 1x and 5x (does λ keep its shape when the run is longer?).
 """
 
 from __future__ import annotations
