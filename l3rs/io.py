@@ -7,6 +7,7 @@ without importing each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -71,10 +72,24 @@ def exit_with_parent(every: float = 1.0) -> None:
     threading.Thread(target=watch, name="l3rs-exit-with-parent", daemon=True).start()
 
 
+def _cpu_flags() -> str | None:
+    """A short hash of the CPU's feature flags (Linux; None elsewhere): which kernels torch and oneDNN pick,
+    hence how a run rounds, depends on them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), None)
+    return None if flags is None else hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+
+
 def machine() -> dict[str, Any]:
-    """What a measurement ran on (saved beside every result)."""
+    """What a measurement ran on (saved beside every result). `cpu_capability` and `cpu_flags` tell whether two
+    CPU results can agree seed for seed: the same run on CPUs with other features rounds differently, and some
+    tasks amplify that (docs/evaluation.md)."""
     return {"platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": _cpu_flags(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "l3rs": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -21,7 +21,7 @@ from l3rs.cli import main
 from l3rs.evaluate import BASELINES, evaluate, methods, protocol, reuse, runs, stats, tuning
 from l3rs.evaluate.runs import RunRequest, ScenarioRunner
 from l3rs.finetune import RunResult, finetune
-from l3rs.io import save_json
+from l3rs.io import machine, save_json
 from l3rs.report import tables as report_tables
 from l3rs.results import EVAL_SEED
 from l3rs.tasks import Task
@@ -424,6 +424,29 @@ def test_baselines_of_another_task_or_model_are_not_reused(tiny: str, opt_dir: s
                       progress=False, baselines_from=path)
     assert result.settings.reused == [] and {name for name, _ in ran} == {"l3rs", "adamw"}
     assert "not reused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpu", ["same", "other", "unrecorded"])
+def test_reuse_from_another_machine_is_said(tiny: str, opt_dir: str, first_evaluation, tmp_path, capsys,
+                                            cpu: str) -> None:
+    saved = json.loads(first_evaluation[1].read_text())
+    if cpu == "other":
+        saved["machine"]["cpu_flags"] = "0123456789ab"
+    elif cpu == "unrecorded":  # written before the CPU's features were recorded
+        del saved["machine"]["cpu_capability"], saved["machine"]["cpu_flags"]
+    path = save_json(saved, tmp_path / "previous.json")
+    result = evaluate(opt_dir, tiny, tmp_path / "o", horizons=(1,), seeds=2, baselines=["adamw"], shifts=(),
+                      progress=False, baselines_from=path)
+    assert result.settings.reused  # reused either way: the statistics stay valid
+    assert ("ran on another machine" in capsys.readouterr().err) == (cpu != "same")
+
+
+def test_same_machine_compares_what_decides_rounding() -> None:
+    here = machine()
+    assert here["cpu_capability"] and reuse.same_machine(here, dict(here, platform="another kernel build"))
+    for key, value in (("cpu_capability", "DEFAULT"), ("cpu_flags", "x"), ("cuda", "some GPU"), ("torch", "2.0")):
+        assert not reuse.same_machine(dict(here, **{key: value}), here)
+    assert not reuse.same_machine({k: v for k, v in here.items() if k != "cpu_capability"}, here)
 
 
 def test_the_fingerprint_sees_a_changed_model_or_data(tiny: str) -> None:

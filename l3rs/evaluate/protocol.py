@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from l3rs import meta, report, tasks
 from l3rs.evaluate.methods import ABLATIONS, BASELINES, Method, meta_trained
-from l3rs.evaluate.reuse import missing_seeds, read_previous, reusable, task_fingerprint
+from l3rs.evaluate.reuse import missing_seeds, read_previous, reusable, same_machine, task_fingerprint
 from l3rs.evaluate.runs import MIN_EVAL_POINTS, RunRequest, ScenarioRunner
 from l3rs.evaluate.stats import BOOTSTRAP_SEED, RESAMPLES, compare, eval_grid, speedup, summarize
 from l3rs.evaluate.tuning import ADAM_GRID, ATMO_MIXES, HEAD_MULTIPLIERS, SGD_GRID, TUNE_SEEDS, planned_runs, tune
@@ -208,6 +208,10 @@ def evaluate(
             tqdm.write(f"evaluate: baselines of {s.label} not reused: {baselines_from} ran it on other data or "
                        "another pretrained model (or did not record which); running them here", file=sys.stderr)
     reuse = [reused or {} for reused in found]
+    if previous is not None and any(reuse) and not same_machine(previous.machine, machine()):
+        tqdm.write(f"evaluate: {baselines_from} ran on another machine (or did not record its CPU): the reused "
+                   "baselines are valid samples, but not seed for seed what this machine would run, so the paired "
+                   "intervals are wider than a same-machine evaluation's", file=sys.stderr)
     settings.reused = [f"{s.label}/{name}" for s, reused in zip(plan, reuse, strict=True) for name in reused]
     planned = sum(n * (planned_runs([m for m in methods if m.name not in reused], seeds)
                        + sum(len(missing_seeds(r, settings.eval_seeds)) for r in reused.values()))

@@ -7,7 +7,10 @@ an evaluation's cost). "The same task" is checked by a fingerprint of its data a
 evaluation seed: before its weights shipped, the cnn04 backbone depended on how many threads pretrained it
 (the same AdamW-cosine run on cnn04-mnist59 ended at 0.101 from one and 0.123 from the other), and user tasks
 may change their data or model between runs.
-Nothing here can tell whether the baseline code changed since.
+Nothing here can tell whether the baseline code changed since. Nor does reuse need the same machine, but it
+is only seed-for-seed the same there: on another CPU the same run rounds differently, and cnn04-mnist59's
+fine-tuning amplifies that (AdamW-cosine, seed 1000: 0.101 on one machine, 0.111 on another), so the paired
+comparison loses its pairing and its intervals widen; `evaluate` says so (`same_machine`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ def same_protocol(old: Settings, new: Settings, method: Method) -> bool:
     names = ["tune_seeds", "grids", "device"]
     names += ["head_multipliers"] * method.head + ["atmo_mixes"] * (method.kind == "atmo")
     return bool(set(old.eval_seeds) & set(new.eval_seeds)) and all(getattr(old, n) == getattr(new, n) for n in names)
+
+
+def same_machine(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two evaluations' machines round alike (same CPU features, GPU and torch), so that a seed gives
+    the same run on both; False when the old one did not record its CPU's features."""
+    keys = ("cpu_capability", "cpu_flags", "cuda", "torch")
+    return old.get("cpu_capability") is not None and all(old.get(k) == new.get(k) for k in keys)
 
 
 def missing_seeds(result: MethodResult, eval_seeds: Any) -> list[int]:
