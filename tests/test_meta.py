@@ -599,21 +599,26 @@ def test_worker_processes_exit_when_their_parent_is_killed(pool, tiny, tiny_task
     assert not any(map(_running, workers))
 
 
-def _budget_run(tmp_path, monkeypatch, iteration_s: float, validation_s: float, validate_every: int) -> list[dict]:
-    """metrics.jsonl of a 30 s budget run on a fake clock where an iteration and a validation cost what is given."""
-    module = sys.modules["l3rs.meta.train"]
-    clock = [0.0]
-    estimator, validate = module.ESTIMATORS["bptt"], module.validate
+def timed(fn, seconds: float, clock: list[float]):
+    """`fn`, advancing the fake `clock` by `seconds` per call."""
+    def call(*args, **kwargs):
+        clock[0] += seconds
+        return fn(*args, **kwargs)
+    return call
 
-    def timed(fn, seconds):
-        def call(*args, **kwargs):
-            clock[0] += seconds
-            return fn(*args, **kwargs)
-        return call
+
+def _budget_run(tmp_path, monkeypatch, iteration_s: float, validation_s: float, validate_every: int,
+                writing_s: float = 0.0, clock: list[float] | None = None) -> list[dict]:
+    """metrics.jsonl of a 30 s budget run on a fake clock (`clock`) where an iteration, a validation and writing
+    an iteration's checkpoint cost what is given."""
+    module = sys.modules["l3rs.meta.train"]
+    clock = [0.0] if clock is None else clock
+    estimator, validate = module.ESTIMATORS["bptt"], module.validate
+    monkeypatch.setattr(module, "_save_checkpoint", timed(module._save_checkpoint, writing_s, clock))
 
     monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setitem(module.ESTIMATORS, "bptt", timed(estimator, iteration_s))
-    monkeypatch.setattr(module, "validate", timed(validate, validation_s))
+    monkeypatch.setitem(module.ESTIMATORS, "bptt", timed(estimator, iteration_s, clock))
+    monkeypatch.setattr(module, "validate", timed(validate, validation_s, clock))
     cfg = small(iterations=100, validate_every=validate_every, budget_minutes=0.5, horizon_exponent=0.0)
     train(stiff_task(), tmp_path, cfg, progress=False)
     return [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -626,6 +631,17 @@ def test_the_budget_ends_with_one_final_validation(tmp_path, monkeypatch):
     validated = [r["iteration"] for r in lines[1:] if r["validation"] is not None]
     assert validated == [lines[-1]["iteration"]] == [5]  # 1 s of untrained validation + 4 × 5 s, then the last
     assert lines[-1]["elapsed"] <= 30
+
+
+def test_the_budget_counts_writing_the_checkpoints(tmp_path, monkeypatch):
+    """An iteration costs 1 s, a validation 1 s, writing its checkpoint 4 s (a fast task, a slow disk): the budget
+    is wall-clock, so the run stops at iteration 5 (1 + 4 × (1 + 4) s, then 1 s and its final validation), within
+    its 30 s; counting the computation alone, it ran to iteration 27 and ~140 s."""
+    clock = [0.0]
+    lines = _budget_run(tmp_path, monkeypatch, iteration_s=1.0, validation_s=1.0, validate_every=100,
+                        writing_s=4.0, clock=clock)
+    assert [r["iteration"] for r in lines[1:] if r["validation"] is not None] == [5] == [lines[-1]["iteration"]]
+    assert clock[0] <= 30
 
 
 def test_a_due_validation_ends_the_run_when_another_would_not_fit(tmp_path, monkeypatch):

@@ -347,13 +347,14 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
     budget = math.inf if cfg.budget_minutes is None else 60 * cfg.budget_minutes
     bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not (progress and lead),
                desc="meta-train", unit="it")
+    writing = 0.0  # the last iteration's logging and checkpoint writing: on a fast task it is most of the time
     while state.iteration < cfg.iterations and state.seconds < budget:
         start = time.perf_counter()
         est = estimator(ctx, state.vector, state.iteration, state.particles, run)
         norm = meta_adam_step(state, est.grad, cfg)
         state.iteration += 1
         state.particles, state.steps = est.particles, state.steps + est.steps
-        step = run.agree(time.perf_counter() - start)  # the meta-iteration alone
+        step = run.agree(time.perf_counter() - start) + writing  # a meta-iteration and its writing
         # the last iteration that fits the budget together with its final validation (and with this one's,
         # when one is due now: another iteration would then need a second)
         due = validation_due(state.iteration, cfg.validate_every)
@@ -372,6 +373,8 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
             _log(out, record, writer)
             _save_checkpoint(out, state, cfg)
             _export(out, state, family, cfg, opt_config, horizon)
+        writing = run.agree(time.perf_counter() - start) - took
+        state.seconds += writing  # the budget is wall-clock: writing counts (from the next record's elapsed on)
         if budget < math.inf:  # the ETA follows the budget when it binds first (validations spread over iterations)
             per_iteration = step + state.validation_seconds / cfg.validate_every
             bar.total = min(cfg.iterations, state.iteration + max(0, int((budget - state.seconds) / per_iteration)))
