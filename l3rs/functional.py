@@ -65,6 +65,10 @@ class Config:
     max_log_scale: float = 3.0  # s is soft-clipped to ±this: λ deviates from the schedule by e^±3 at most
     schedule: str = "cosine"  # base schedule b(t/T): "cosine" | "linear" decay after warm-up, or "constant"
     warmup: float = 0.05  # fraction of the run spent warming b up linearly (cosine / linear schedules)
+    # > 0: the pretrained backbone's tensors also ramp their λ0 up linearly over this fraction of the run while
+    # the new head's (the tensors named as head) step at once, so the head fits the features before they move
+    # (`head_ramp`; 0, or no tensor named as head: every tensor alike)
+    backbone_warmup: float = 0.0
     # "shared": the mixer only redistributes the step across tensors, the model-wide RMS step stays
     # λ0·b(t/T) (truncated meta-gradients otherwise shrink every λ: short-horizon bias); "free": each λ_l
     # moves on its own within e^±max_log_scale
@@ -103,6 +107,8 @@ class Config:
                              f'to bases {self.bases} or pick normalize="rms"')
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup!r}")
+        if not 0 <= self.backbone_warmup < 1:
+            raise ValueError(f"backbone_warmup must be a fraction of the run in [0, 1), got {self.backbone_warmup!r}")
         if not self.max_log_scale > 0:
             raise ValueError(f"max_log_scale must be positive, got {self.max_log_scale!r}")
         if not 0 <= self.average <= 1:
@@ -202,6 +208,16 @@ def schedule(config: Config, step: int, total_steps: int | None) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
 
 
+def head_ramp(config: Config, step: int, total_steps: int | None, head: Tensor | None) -> Tensor | float:
+    """Per-tensor factor of λ0 at update `step`: `head` [T] (bool) marks the new head's tensors, which step at
+    once; the others (the pretrained backbone) ramp up linearly over `config.backbone_warmup` of the run. 1 when
+    the ramp is off or over, no tensor is marked (`head` None) or T is unknown."""
+    if head is None or not (config.backbone_warmup and total_steps):
+        return 1.0
+    ramp = min(1.0, (step + 1) / (config.backbone_warmup * total_steps + 1))
+    return 1.0 if ramp == 1.0 else torch.where(head, 1.0, ramp)
+
+
 def horizon_scale(config: Config, total_steps: int | None) -> float:
     """(T_ref / T)^α for a run of T > T_ref steps, else 1: the step of longer runs shrinks with their length."""
     reference = config.reference_horizon
@@ -261,25 +277,27 @@ def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned:
 
 def update(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
            lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
-           weight_decay: Tensor | float | None = None) -> tuple[TensorList, State, Coefficients]:
+           weight_decay: Tensor | float | None = None,
+           head: Tensor | None = None) -> tuple[TensorList, State, Coefficients]:
     """One L3RS step, pure: returns (updates to add to params, new state, coefficients used).
 
     `weight_decay` (a float or one per tensor; None: `config.weight_decay`) decays each weight by its
-    scheduled step. Nothing is mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph).
-    This is what meta-training unrolls."""
-    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, inplace=False,
+    scheduled step; `head` (bool per tensor, or None) marks the new head's tensors (`head_ramp`). Nothing is
+    mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph). This is what meta-training
+    unrolls."""
+    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, head, inplace=False,
                  workspace=None)
 
 
 def update_(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
             lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
-            weight_decay: Tensor | float | None = None,
+            weight_decay: Tensor | float | None = None, head: Tensor | None = None,
             workspace: base_lib.Workspace | None = None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The same step on the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
     OVERWRITTEN and returned in the new state; a non-finite gradient returns (None, state, None) before
     touching anything. With a `workspace`, intermediates and the returned updates live in its reused buffers
     (valid until its next step) instead of fresh tensors."""
-    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, inplace=True,
+    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, head, inplace=True,
                  workspace=None if torch.is_grad_enabled() else workspace)
 
 
@@ -295,10 +313,11 @@ def _decay_scale(config: Config, lr: Tensor | float, weight_decay: Tensor | floa
 
 def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList,
           lr: Tensor | float, loss: Tensor | float | None, total_steps: int | None,
-          weight_decay: Tensor | float | None, inplace: bool,
+          weight_decay: Tensor | float | None, head: Tensor | None, inplace: bool,
           workspace: base_lib.Workspace | None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The one implementation of the math behind `update` (pure) and `update_` (in place)."""
     device = params[0].device
+    lr = lr * head_ramp(config, state.moments.step, total_steps, head)  # the decay ramps alike
     sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=grads[0].dtype, device=device)
     grad_rms_raw = _rms(grads, sqrt_numel)
     grad_rms = grad_rms_raw.detach()

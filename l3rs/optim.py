@@ -66,6 +66,10 @@ class L3RS(torch.optim.Optimizer):
         state_dtype: dtype of the moment buffers and of the step's arithmetic, e.g. ``torch.float32`` for
             bf16/fp16 weights (None: the parameters' dtype). Costs one cast of weights and gradients per step.
         config, meta: a full `Config` and meta-parameters (what `from_pretrained` passes).
+        head: names of the tensors that are new (a freshly initialized head) rather than pretrained. With
+            ``config.backbone_warmup`` > 0 (what ``l3rs meta-train`` trains with), these step at once while the
+            others ramp up over that fraction of the run; `from_pretrained` takes the names the optimizer was
+            meta-trained with. None: every tensor alike.
         seed: seeds the (untrained) mixer's hidden layers and embeddings.
 
     ``step(closure)`` or ``step(loss=loss.detach())`` feeds the loss features; trainers that call a bare
@@ -97,6 +101,7 @@ class L3RS(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         config: Config | None = None,
         meta: mixer.Meta | None = None,
+        head: Iterable[str] | None = None,
         seed: int = 0,
         _saved: dict[str, Any] | None = None,
     ) -> None:
@@ -109,6 +114,7 @@ class L3RS(torch.optim.Optimizer):
         self._params, self.param_names = params_lib.trainable(self.param_groups)
         device = params_lib.one_device(self._params, self.param_names)
         self.meta = self._resolve_meta(meta, _saved, unknown, seed, device)
+        self._head = params_lib.head_mask(self.param_names, head, device)
         # Scratch buffers reused across steps (not state: never saved). Only on CPU, where fresh multi-MB
         # tensors page-fault; CUDA's caching allocator makes fresh ones cheap and its fused foreach kernels
         # beat the per-tensor loops that filling existing buffers needs.
@@ -250,7 +256,8 @@ class L3RS(torch.optim.Optimizer):
             lr, decay = lr[rows], decay[rows] if isinstance(decay, Tensor) else decay
         updates, new, _ = functional.update_(
             self.config, meta, self._compute_dtype(grads), state, self._compute_dtype(params), lr=lr,
-            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay, workspace=self._workspace)
+            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay,
+            head=self._head if self._head is None or subset is None else self._head[rows], workspace=self._workspace)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss
@@ -309,8 +316,8 @@ class L3RS(torch.optim.Optimizer):
         x = functional.feature_matrix(self.config, self._feature_state(None), self.step_count, self.total_steps,
                                       len(self._params), self._params[0].device)
         sizes = torch.tensor([float(p.numel()) for p in self._params], device=x.device)
-        return functional.coefficients(self.config, self.meta, x, self._per_tensor()[0], self.step_count,
-                                       self.total_steps, sizes)
+        lr = self._per_tensor()[0] * functional.head_ramp(self.config, self.step_count, self.total_steps, self._head)
+        return functional.coefficients(self.config, self.meta, x, lr, self.step_count, self.total_steps, sizes)
 
     # ------------------------------------------------------------------------------- (de)serialization
     def state_dict(self) -> dict[str, Any]:
@@ -346,6 +353,9 @@ class L3RS(torch.optim.Optimizer):
 
     def save_pretrained(self, path: str | os.PathLike, **info: Any) -> Path:
         """Write ``optimizer.safetensors`` + ``optimizer.json`` into directory `path` (atomically)."""
+        if self._head is not None:
+            marked = zip(self.param_names, self._head.tolist(), strict=True)
+            info.setdefault("head_tensors", [name for name, is_head in marked if is_head])
         return save_meta(path, self.meta, self.config, self.param_names, [tuple(p.shape) for p in self._params],
                          lr=self.defaults["lr"], total_steps=self.total_steps, **info)
 
@@ -360,11 +370,13 @@ class L3RS(torch.optim.Optimizer):
         unknown: str = "error",
         **kwargs: Any,
     ) -> L3RS:
-        """Load a meta-trained optimizer for `params` (named). `lr` defaults to the λ0 it was trained with;
-        `kwargs` (weight_decay, average_loss, state_dtype) go to `L3RS`. Names match without wrapper
+        """Load a meta-trained optimizer for `params` (named). `lr` defaults to the λ0 it was trained with, `head`
+        to the head tensors it was meta-trained with; `kwargs` (weight_decay, average_loss, state_dtype, head) go
+        to `L3RS`. Names match without wrapper
         prefixes (DDP ``module.``, torch.compile ``_orig_mod.``, FSDP ``_fsdp_wrapped_module.``)."""
         saved = load_meta(path)
         info = saved["info"]
+        kwargs.setdefault("head", info.get("head_tensors"))
         return cls(params, lr=lr if lr is not None else info["lr"],
                    total_steps=total_steps if total_steps is not None else info.get("total_steps"),
                    unknown=unknown, config=saved["config"], meta=saved["meta"], _saved=info, **kwargs)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from l3rs.checkpoint import canonical_name
 from l3rs.functional import Config
 
 UNKNOWN_POLICIES = ("error", "mean")
@@ -71,6 +72,16 @@ def trainable(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[str]]:
     if dupes:
         raise ValueError(f"parameter names must be unique, repeated: {dupes}")
     return [p for _, p in pairs], names
+
+
+def head_mask(names: list[str], head: Iterable[str] | None, device: torch.device) -> Tensor | None:
+    """[T] bool: which trainable tensors are the new head (`Config.backbone_warmup`), matched by name without
+    wrapper prefixes; None when `head` names none of them (every tensor is then stepped alike)."""
+    if head is None or isinstance(head, str):
+        head = () if head is None else (head,)
+    wanted = {canonical_name(n) for n in head}
+    mask = [canonical_name(n) in wanted for n in names]
+    return torch.tensor(mask, device=device) if any(mask) else None
 
 
 def one_device(params: list[Tensor], names: list[str]) -> torch.device:

@@ -346,6 +346,33 @@ def test_save_and_load_round_trip(tmp_path):
     assert max_diff(a, b) == 0
 
 
+def test_head_tensors_step_at_once_and_travel_with_the_optimizer(tmp_path):
+    """With backbone_warmup, the tensors named as head keep their λ while the others start at 1/(w·T+1) of it;
+    the names are saved with the optimizer and come back with it (an optimizer saved without them: none)."""
+    config = functional.Config(backbone_warmup=0.5)
+    model = small_model()
+    names = [n for n, _ in model.named_parameters()]
+    head = names[-2:]
+    opt = L3RS(model.named_parameters(), lr=1e-2, total_steps=20, config=config, head=head)
+    plain = L3RS(small_model().named_parameters(), lr=1e-2, total_steps=20, config=config)
+    for name in names:
+        expected = plain.coefficients()[name]["lr"] * (1.0 if name in head else 1 / 11)
+        assert opt.coefficients()[name]["lr"] == pytest.approx(expected, rel=1e-6)
+    opt.save_pretrained(tmp_path / "opt")
+    assert json.loads((tmp_path / "opt" / "optimizer.json").read_text())["head_tensors"] == head
+    loaded = L3RS.from_pretrained(tmp_path / "opt", small_model().named_parameters())
+    assert loaded.coefficients() == opt.coefficients()
+    a, b = small_model(), small_model()
+    train(a, L3RS(a.named_parameters(), lr=1e-2, total_steps=20, config=config, head=head), 5)
+    train(b, L3RS.from_pretrained(tmp_path / "opt", b.named_parameters()), 5)
+    assert max_diff(a, b) == 0
+    doc = json.loads((tmp_path / "opt" / "optimizer.json").read_text())
+    del doc["head_tensors"]
+    (tmp_path / "opt" / "optimizer.json").write_text(json.dumps(doc))
+    older = L3RS.from_pretrained(tmp_path / "opt", small_model().named_parameters())
+    assert older.coefficients() == plain.coefficients()
+
+
 def test_mismatched_model_is_a_clear_error_unless_policy_given(tmp_path):
     trained_like_optimizer(small_model()).save_pretrained(tmp_path / "opt")
     other = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5),

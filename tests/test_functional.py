@@ -111,3 +111,28 @@ def test_configs_saved_before_the_step_budget_keep_their_free_step_sizes():
     assert functional.Config.from_dict(saved).step_budget == "free"
     with pytest.raises(ValueError, match="step_budget"):
         functional.Config(step_budget="global")
+
+
+def test_the_backbone_ramps_up_while_the_head_steps_at_once():
+    """`backbone_warmup`: λ0 of the tensors not marked as head is scaled by (t+1)/(w·T+1) until it reaches 1; the
+    head's is not. The whole step (directions and decay) is linear in λ0, so a backbone tensor's update is the
+    unmarked one's times the ramp."""
+    config = functional.Config(backbone_warmup=0.3, weight_decay=0.1)
+    params, grads = _problem()
+    head = torch.tensor([False, False, True, True])
+    meta = config.init_meta(4, seed=2)
+    plain, marked = functional.init(config, params), functional.init(config, params)
+    for k, g in enumerate(grads):
+        ramp = min(1.0, (k + 1) / (0.3 * 20 + 1))
+        factor = torch.as_tensor(functional.head_ramp(config, k, 20, head)).expand(4)
+        torch.testing.assert_close(factor, torch.tensor([ramp, ramp, 1.0, 1.0]))
+        a, plain, _ = functional.update(config, meta, g, plain, params, lr=1e-2, total_steps=20)
+        b, marked, _ = functional.update(config, meta, g, marked, params, lr=1e-2, total_steps=20, head=head)
+        for i in range(4):
+            torch.testing.assert_close(b[i], a[i] * (1.0 if head[i] else ramp), rtol=1e-5, atol=1e-8)
+    assert functional.head_ramp(config, 6, 20, head) == 1.0  # (6 + 1) / 7: the ramp is over
+    assert functional.head_ramp(config, 0, 20, None) == 1.0  # nothing marked: every tensor alike
+    assert functional.head_ramp(functional.Config(), 0, 20, head) == 1.0  # off by default (old optimizers)
+    assert functional.head_ramp(config, 0, None, head) == 1.0  # T unknown
+    with pytest.raises(ValueError, match="backbone_warmup"):
+        functional.Config(backbone_warmup=1.0)

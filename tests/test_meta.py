@@ -116,15 +116,21 @@ def held_out_val_loss(task: Task, make, steps: int, seeds: range) -> float:
 
 
 # ----------------------------------------------------------------------------------- the unroll itself
-@pytest.mark.parametrize("average", [0.0, 0.25])
-def test_unroll_matches_the_l3rs_optimizer(average: float):
-    """The meta-training unroll and `L3RS.step` are the same optimizer (one implementation of the math), and
-    with averaged weights the unroll's objective reads the weights `L3RS.eval()` puts in the model."""
-    task, config = stiff_task(), functional.Config(average=average)
+@pytest.mark.parametrize("average, ramp", [(0.0, 0.0), (0.25, 0.0), (0.0, 0.5)])
+def test_unroll_matches_the_l3rs_optimizer(average: float, ramp: float):
+    """The meta-training unroll and `L3RS.step` are the same optimizer (one implementation of the math), with
+    averaged weights the unroll's objective reads the weights `L3RS.eval()` puts in the model, and both ramp
+    the tensors outside the task's head alike (`backbone_warmup`)."""
+    task, config = stiff_task(), functional.Config(average=average, backbone_warmup=ramp)
+    if ramp:
+        task = replace(task, head=("stiff.weight",))
     meta = {k: v + 0.3 * torch.randn_like(v) for k, v in config.init_meta(2, seed=1).items()}
     value, particle = unroll(task, meta, 0.02, 12, seed=7, config=config, horizon=H, val_subset=None)
+    if ramp:  # the backbone's step was ramped: not the unramped unroll
+        _, unramped = unroll(task, meta, 0.02, 12, seed=7, config=replace(config, backbone_warmup=0.0), horizon=H)
+        assert not torch.allclose(unramped.params["slow.weight"], particle.params["slow.weight"])
     model = task.model_fn(7)
-    opt = L3RS(model.named_parameters(), lr=0.02, total_steps=H, config=config, meta=meta)
+    opt = L3RS(model.named_parameters(), lr=0.02, total_steps=H, config=config, meta=meta, head=task.head)
     for idx in task.batch_indices(7, H)[:12]:  # the unroll's batches
         opt.zero_grad()
         loss = task.loss(model(task.train[0][idx]), task.train[1][idx])
@@ -231,6 +237,7 @@ def test_estimators_learn_smaller_steps_for_the_stiff_tensor(tmp_path, estimator
     best = train(stiff_task(), tmp_path / estimator, cfg, progress=False)
     info = json.loads((best / "optimizer.json").read_text())
     assert info["estimator"] == estimator and info["horizon"] == H and info["meta_train_steps"] > 0
+    assert info["head_tensors"] == list(stiff_task().head)  # from_pretrained marks them as the new head
     assert info["validation"] < 0.5 * info["untrained_validation"]
     task, seeds = stiff_task(), range(900, 903)  # runs never seen in meta-training
     trained = held_out_val_loss(task, lambda n, t: L3RS.from_pretrained(best, n, total_steps=t), H, seeds)

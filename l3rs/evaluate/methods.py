@@ -166,7 +166,7 @@ def make_optimizer(method: Method, hp: dict[str, float], head: Sequence[str],
         if method.kind == "l3rs":
             return L3RS.from_pretrained(method.path, named, total_steps=total_steps)
         if method.kind == "untrained":
-            return L3RS(named, lr=hp["lr"], total_steps=total_steps, config=config)
+            return L3RS(named, lr=hp["lr"], total_steps=total_steps, config=config, head=head)
         if method.kind == "atmo":
             return L3RS(named, lr=hp["lr"], total_steps=total_steps, config=ATMO_CONFIG,
                         meta=atmo_meta(hp["mix"]))

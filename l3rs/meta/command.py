@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "noise takes over); rms: unit RMS at every step (the paper); none: raw")
     parser.add_argument("--schedule", choices=SCHEDULES, default=Config.schedule,
                         help="base schedule the learned step size deviates from")
+    parser.add_argument("--backbone-warmup", type=float, default=d.config.backbone_warmup, metavar="FRACTION",
+                        help="the pretrained backbone's step ramps up over this fraction of each run while the new "
+                             "head's (the task's head tensors) steps at once (0: every tensor alike)")
     parser.add_argument("--step-budget", choices=STEP_BUDGETS, default=Config.step_budget,
                         help="shared: the learned λ only redistributes λ0·b(t) over tensors (the model-wide "
                              "RMS step stays the schedule's); free: each tensor's λ moves on its own")
@@ -115,7 +118,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
         config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
                         max_log_scale=args.max_log_scale, step_budget=args.step_budget, average=args.average,
-                        weight_decay=args.weight_decay)
+                        weight_decay=args.weight_decay, backbone_warmup=args.backbone_warmup)
         priors = tuple(p.strip() for p in args.priors.split(",") if p.strip()) if args.priors is not None else None
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=1_000_000 if args.iterations is None else args.iterations,

@@ -237,7 +237,7 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     info = {"meta_train_seconds": state.seconds, "meta_train_steps": state.steps, "task": family.name,
             "horizon": horizon, "estimator": cfg.estimator, "objective": cfg.objective,
             "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
-            "seed": cfg.seed, "prior": state.prior,
+            "seed": cfg.seed, "prior": state.prior, "head_tensors": list(family.base.head),
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
             "untrained_validation": state.untrained_validation and state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,

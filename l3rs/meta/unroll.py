@@ -21,6 +21,7 @@ from l3rs import features, functional, mixer
 from l3rs.bases import Moments
 from l3rs.functional import Config
 from l3rs.io import single_thread
+from l3rs.params import head_mask
 from l3rs.seeds import seed_of
 from l3rs.tasks import Task, TaskFamily, functional_model
 
@@ -110,6 +111,7 @@ def unroll(
     start = state.moments.step
     horizon = horizon or start + steps
     x_train, y_train = task.train[0].to(dev), task.train[1].to(dev)
+    head = head_mask(names, task.head, dev)
     torch.manual_seed(seed_of(seed, start))  # dropout and other in-model randomness replay too
     retain = graph == "second" or (graph in ("first", "second") and objective == "train_loss")
     losses = []
@@ -122,7 +124,7 @@ def unroll(
         grads = list(torch.autograd.grad(loss, plist, create_graph=graph == "second", retain_graph=retain))
         with torch.set_grad_enabled(graph is not None):
             updates, state, _ = functional.update(config, meta, grads, state, plist, lr=lr0,
-                                                  loss=loss.detach(), total_steps=horizon)
+                                                  loss=loss.detach(), total_steps=horizon, head=head)
             if cotangent is not None:
                 torch.autograd.backward(updates, cotangent)
             plist = functional.apply_updates(plist, updates)
