@@ -47,7 +47,6 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "adam-only": (["--bases", "adam"], "the blend of base directions (Adam's alone)"),
     "uniform-prior": (["--priors", "uniform"], "the prior chosen by the λ0 sweep (the uniform mix only)"),
     "no-decay": (["--weight-decay", "0"], "the decoupled weight decay (none)"),
-    "no-backbone-warmup": (["--backbone-warmup", "0"], "the backbone's warm-up (every tensor steps alike)"),
 }
 
 

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="base schedule the learned step size deviates from")
     parser.add_argument("--backbone-warmup", type=float, default=d.config.backbone_warmup, metavar="FRACTION",
                         help="the pretrained backbone's step ramps up over this fraction of each run while the new "
-                             "head's (the task's head tensors) steps at once (0: every tensor alike)")
+                             "head's (the task's head tensors) steps at once (default 0: every tensor alike; 0.3 is "
+                             "measured in docs/RESULTS.md, session 24)")
     parser.add_argument("--step-budget", choices=STEP_BUDGETS, default=Config.step_budget,
                         help="shared: the learned λ only redistributes λ0·b(t) over tensors (the model-wide "
                              "RMS step stays the schedule's); free: each tensor's λ moves on its own")

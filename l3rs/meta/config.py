@@ -38,7 +38,7 @@ class MetaConfig:
         name (a mix leaning on it, `Config.init_meta`). The λ0 sweep runs each and keeps the one with the
         lowest validation loss (one prior: no choice). None: uniform and adam when adam is one of several bases.
         With a fixed `lr0` (no sweep) the first one is used.
-    config: the trained optimizer's Config (default: `Config(normalize="snr", backbone_warmup=0.3)`).
+    config: the trained optimizer's Config (default: `Config(normalize="snr")`).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
 
@@ -72,7 +72,7 @@ class MetaConfig:
     device: str | None = None  # None: wherever the task's model lives
     # the optimizer being trained; snr normalization by default: its step keeps Adam's own shrinkage, so
     # runs longer than the horizon do not keep stepping at full size ("rms", the paper's, does)
-    config: Config = field(default_factory=lambda: Config(normalize="snr", backbone_warmup=0.3))
+    config: Config = field(default_factory=lambda: Config(normalize="snr"))
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATOR_NAMES:
