@@ -317,7 +317,9 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
           workspace: base_lib.Workspace | None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The one implementation of the math behind `update` (pure) and `update_` (in place)."""
     device = params[0].device
-    lr = lr * head_ramp(config, state.moments.step, total_steps, head)  # the decay ramps alike
+    ramp = head_ramp(config, state.moments.step, total_steps, head)
+    if isinstance(ramp, Tensor):  # the decay ramps alike
+        lr = lr * ramp
     sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in params], dtype=grads[0].dtype, device=device)
     grad_rms_raw = _rms(grads, sqrt_numel)
     grad_rms = grad_rms_raw.detach()

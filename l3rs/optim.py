@@ -67,9 +67,9 @@ class L3RS(torch.optim.Optimizer):
             bf16/fp16 weights (None: the parameters' dtype). Costs one cast of weights and gradients per step.
         config, meta: a full `Config` and meta-parameters (what `from_pretrained` passes).
         head: names of the tensors that are new (a freshly initialized head) rather than pretrained. With
-            ``config.backbone_warmup`` > 0 (what ``l3rs meta-train`` trains with), these step at once while the
-            others ramp up over that fraction of the run; `from_pretrained` takes the names the optimizer was
-            meta-trained with. None: every tensor alike.
+            ``config.backbone_warmup`` > 0 (``l3rs meta-train --backbone-warmup F``), these step at once while
+            the others ramp up over that fraction of the run; `from_pretrained` takes the names the optimizer
+            was meta-trained with. None: every tensor alike.
         seed: seeds the (untrained) mixer's hidden layers and embeddings.
 
     ``step(closure)`` or ``step(loss=loss.detach())`` feeds the loss features; trainers that call a bare
@@ -372,8 +372,8 @@ class L3RS(torch.optim.Optimizer):
     ) -> L3RS:
         """Load a meta-trained optimizer for `params` (named). `lr` defaults to the λ0 it was trained with, `head`
         to the head tensors it was meta-trained with; `kwargs` (weight_decay, average_loss, state_dtype, head) go
-        to `L3RS`. Names match without wrapper
-        prefixes (DDP ``module.``, torch.compile ``_orig_mod.``, FSDP ``_fsdp_wrapped_module.``)."""
+        to `L3RS`. Names match without wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``, FSDP
+        ``_fsdp_wrapped_module.``)."""
         saved = load_meta(path)
         info = saved["info"]
         kwargs.setdefault("head", info.get("head_tensors"))
