@@ -252,12 +252,13 @@ class L3RS(torch.optim.Optimizer):
             **self.meta, "embedding": self.meta["embedding"][subset]}
         state = functional.State(self._moments(params), self._feature_state(subset))
         lr, decay = self._per_tensor()
+        head = self._head
         if subset is not None:
             lr, decay = lr[rows], decay[rows] if isinstance(decay, Tensor) else decay
+            head = None if head is None else head[rows]
         updates, new, _ = functional.update_(
             self.config, meta, self._compute_dtype(grads), state, self._compute_dtype(params), lr=lr,
-            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay,
-            head=self._head if self._head is None or subset is None else self._head[rows], workspace=self._workspace)
+            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay, head=head, workspace=self._workspace)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss

@@ -77,9 +77,7 @@ def trainable(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[str]]:
 def head_mask(names: list[str], head: Iterable[str] | None, device: torch.device) -> Tensor | None:
     """[T] bool: which trainable tensors are the new head (`Config.backbone_warmup`), matched by name without
     wrapper prefixes; None when `head` names none of them (every tensor is then stepped alike)."""
-    if head is None or isinstance(head, str):
-        head = () if head is None else (head,)
-    wanted = {canonical_name(n) for n in head}
+    wanted = {canonical_name(n) for n in ((head,) if isinstance(head, str) else head or ())}
     mask = [canonical_name(n) in wanted for n in names]
     return torch.tensor(mask, device=device) if any(mask) else None
 

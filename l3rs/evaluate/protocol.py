@@ -208,7 +208,8 @@ def evaluate(
             tqdm.write(f"evaluate: baselines of {s.label} not reused: {baselines_from} ran it on other data or "
                        "another pretrained model (or did not record which); running them here", file=sys.stderr)
     reuse = [reused or {} for reused in found]
-    if previous is not None and any(reuse) and not same_machine(previous.machine, machine()):
+    here = machine()
+    if previous is not None and any(reuse) and not same_machine(previous.machine, here):
         tqdm.write(f"evaluate: {baselines_from} ran on another machine (or did not record its CPU): the reused "
                    "baselines are valid samples, but not seed for seed what this machine would run, so the paired "
                    "intervals are wider than a same-machine evaluation's", file=sys.stderr)
@@ -223,7 +224,7 @@ def evaluate(
                    for scenario, n, reused, f in zip(plan, steps, reuse, prints, strict=True)]
         bar.total = bar.n
     result = EvaluationResult(
-        settings=settings, machine=machine(),
+        settings=settings, machine=here,
         optimizer=OptimizerSummary({k: v for k, v in info.items() if k not in ("tensor_names", "tensor_shapes")},
                                    meta_seconds),
         scenarios=results, trace=report.trace(optimizer_dir, plan[0].task, horizon, device=device),
