@@ -145,6 +145,22 @@ def test_family_samples_subsets_of_the_main_training_split(family, heldout):
     assert shapes == {n: p.shape for n, p in heldout.base.model_fn(0).named_parameters()}  # one optimizer fits both
 
 
+def test_the_fingerprint_hashes_what_the_inputs_are_encoded_from_not_their_machine_rounded_values(family, heldout):
+    from l3rs.evaluate.reuse import task_fingerprint
+
+    base = family.base
+    assert base.meta["inputs_from"] == text.inputs_from(SMALL, False) != heldout.base.meta["inputs_from"]
+    assert "inputs_from" not in family.sample(0).meta  # a training subset: hashed by value
+    print_ = task_fingerprint(base, 0)
+    x, y = base.val
+    rounded = replace(base, val=(x * (1 + 1e-6), y))  # the same texts encoded on another CPU
+    assert task_fingerprint(rounded, 0) == print_
+    assert task_fingerprint(replace(base, val=(x, y.roll(1))), 0) != print_  # the targets still count
+    assert task_fingerprint(replace(base, meta={**base.meta, "inputs_from": "other"}), 0) != print_
+    unnamed = replace(base, meta={k: v for k, v in base.meta.items() if k != "inputs_from"})
+    assert task_fingerprint(replace(unnamed, val=(x * (1 + 1e-6), y)), 0) != task_fingerprint(unnamed, 0)
+
+
 def test_heldout_topics_and_texts_are_disjoint_from_the_main_task():
     recipe = text.RECIPE
     assert not set(recipe.topics) & set(recipe.heldout_topics)

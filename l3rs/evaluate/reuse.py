@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -47,11 +48,19 @@ def read_previous(path: str | os.PathLike) -> EvaluationResult:
 
 def task_fingerprint(task: Any, seed: int) -> str:
     """A hash of the task's splits and of `task.model_fn(seed)`'s weights and buffers (pretrained backbone
-    and head): two evaluations with equal fingerprints fine-tune the same model on the same data."""
+    and head): two evaluations with equal fingerprints fine-tune the same model on the same data.
+
+    A task whose inputs are features computed on the machine (the text tasks' frozen encoder outputs, which
+    round differently on another CPU) names what they are computed from in `task.meta["inputs_from"]`: that
+    is hashed instead of the inputs' values (their shapes and the targets still are)."""
     digest = hashlib.sha256()
+    source = (getattr(task, "meta", None) or {}).get("inputs_from")
+    if source is not None:
+        digest.update(json.dumps(source, sort_keys=True).encode())
     tensors = [("model." + k, v) for k, v in task.model_fn(seed).state_dict().items()]
     for split in ("train", "val", "test"):
-        tensors += [(f"{split}.{i}", t) for i, t in enumerate(getattr(task, split) or ())]
+        for i, t in enumerate(getattr(task, split) or ()):
+            tensors.append((f"{split}.{i}", torch.tensor(t.shape) if i == 0 and source is not None else t))
     for name, tensor in tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -218,11 +218,14 @@ def _encode(texts: tuple[str, ...], max_tokens: int, frozen_blocks: int) -> dict
     return {"hidden": torch.cat(hidden).float(), "mask": batch["attention_mask"].float()}
 
 
+def _encoded_path(texts: tuple[str, ...], max_tokens: int, frozen_blocks: int) -> Path:
+    return _cache_path("hidden", {"texts": texts, "max_tokens": max_tokens, "frozen": frozen_blocks})
+
+
 @functools.lru_cache(maxsize=8)
 def encoded(texts: tuple[str, ...], max_tokens: int, frozen_blocks: int) -> Tensor:
     """[N, max_tokens, 385]: the frozen blocks' output for `texts`, attention mask as the last channel."""
-    path = _cache_path("hidden", {"texts": texts, "max_tokens": max_tokens, "frozen": frozen_blocks})
-    out = _cached(path, lambda: _encode(texts, max_tokens, frozen_blocks))
+    out = _cached(_encoded_path(texts, max_tokens, frozen_blocks), lambda: _encode(texts, max_tokens, frozen_blocks))
     return torch.cat([out["hidden"], out["mask"][..., None]], dim=-1)
 
 
@@ -244,13 +247,25 @@ def top_blocks_state(blocks: int) -> dict[str, Tensor]:
 
 
 # --- tasks and families ------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def splits(recipe: TextRecipe, heldout: bool = False) -> tuple[Pair, Pair, Pair]:
-    """Fixed (train, val, test) splits of the main topics, or of the held-out topics."""
+def _chosen(recipe: TextRecipe, heldout: bool) -> tuple[list[tuple[list[str], list[int]]], tuple[str, ...]]:
+    """(texts and labels per split, every split's texts in order) of the main or the held-out topics."""
     topics = recipe.heldout_topics if heldout else recipe.topics
     per_class = recipe.heldout_per_class if heldout else recipe.per_class
     chosen = select(topics, per_class, recipe.split_seed)
-    texts = tuple(t for split_texts, _ in chosen for t in split_texts)
+    return chosen, tuple(t for split_texts, _ in chosen for t in split_texts)
+
+
+def inputs_from(recipe: TextRecipe, heldout: bool) -> str:
+    """What the splits' inputs are computed from (the texts, the encoder and its settings: the cache key of
+    their encoding). The encoded values round differently on another CPU; this does not, so the task's
+    fingerprint hashes it instead of them (`Task.meta["inputs_from"]`, `evaluate.reuse.task_fingerprint`)."""
+    return _encoded_path(_chosen(recipe, heldout)[1], recipe.max_tokens, LAYERS - recipe.trainable_blocks).stem
+
+
+@functools.lru_cache(maxsize=8)
+def splits(recipe: TextRecipe, heldout: bool = False) -> tuple[Pair, Pair, Pair]:
+    """Fixed (train, val, test) splits of the main topics, or of the held-out topics."""
+    chosen, texts = _chosen(recipe, heldout)
     x = encoded(texts, recipe.max_tokens, LAYERS - recipe.trainable_blocks)
     out, start = [], 0
     for split_texts, labels in chosen:
@@ -277,6 +292,8 @@ def _task(recipe: TextRecipe, name: str, heldout: bool, train: Pair | None = Non
             "topics": list(topics), "description": recipe.description, "recipe": asdict(recipe)}
     if offset is not None:
         meta["family_seed"] = offset
+    if train is None:  # the whole training split: the inputs are exactly the encoded texts
+        meta["inputs_from"] = inputs_from(recipe, heldout)
     model_fn = functools.partial(build_model, recipe, len(topics), offset)
     return Task(name, model_fn, train if train is not None else tr, val, test, batch_size=recipe.batch_size,
                 horizon=recipe.horizon, head=HEAD, meta=meta)
