@@ -16,7 +16,7 @@ from test_meta import H, small, stiff_task
 from l3rs import L3RS, features, functional
 from l3rs.meta import MetaConfig, train
 from l3rs.meta.estimators import Context, bptt, draw_horizon, end_weight
-from l3rs.meta.sweeps import prior_sweep
+from l3rs.meta.sweeps import PRIOR_SEEDS, prior_sweep, sweep_seeds
 from l3rs.meta.unroll import Result, Worker
 from l3rs.meta.validation import validation_due, validation_score
 from l3rs.optim import CheckpointError, load_meta
@@ -222,43 +222,67 @@ def test_a_prior_leaning_on_a_base_gives_it_most_of_the_untrained_mix(mix):
         functional.Config(bases=("sgd", "adam")).init_meta(2, lean="sign")
 
 
-def test_priors_default_to_uniform_and_adam_when_adam_is_one_of_several_bases():
+def test_priors_default_to_uniform_and_adam_led_by_uniform_with_the_warmup_when_there_is_one():
+    warm = functional.Config(normalize="snr", backbone_warmup=0.3)
     assert MetaConfig().priors == ("uniform", "adam")
-    assert MetaConfig(config=functional.Config(normalize="snr", bases=("adam",))).priors == ("uniform",)
+    assert MetaConfig(config=warm).priors == ("uniform+warmup", "uniform", "adam")
+    only_adam = functional.Config(normalize="snr", bases=("adam",), backbone_warmup=0.3)
+    assert MetaConfig(config=only_adam).priors == ("uniform+warmup", "uniform")
     assert MetaConfig(config=functional.Config(bases=("sgd", "sign"))).priors == ("uniform",)
     assert MetaConfig(priors=["adam"]).priors == ("adam",)
-    assert MetaConfig(priors=["adam"]).to_dict()["priors"] == ["adam"]
-    with pytest.raises(ValueError, match="neither 'uniform' nor one of the bases"):
-        MetaConfig(priors=("bogus",))
+    assert MetaConfig(config=warm, priors=["adam+warmup"]).to_dict()["priors"] == ["adam+warmup"]
+    assert MetaConfig(config=warm).warmup_of("adam+warmup") == 0.3 and MetaConfig(config=warm).warmup_of("adam") == 0
+    for bad in ("bogus", "adam+bogus", "warmup"):
+        with pytest.raises(ValueError, match="neither 'uniform' nor one of the bases"):
+            MetaConfig(config=warm, priors=(bad,))
     with pytest.raises(ValueError, match="each once"):
         MetaConfig(priors=("adam", "adam"))
-    only_adam = functional.Config(normalize="snr", bases=("adam",))
-    assert MetaConfig(config=only_adam, priors=("uniform", "adam")).priors == ("uniform",)
+    with pytest.raises(ValueError, match="needs a backbone warm-up"):
+        MetaConfig(priors=("uniform+warmup",))
+    collapsed = MetaConfig(config=only_adam, priors=("uniform", "adam", "adam+warmup")).priors
+    assert collapsed == ("uniform", "uniform+warmup")
     with pytest.raises(ValueError, match="neither 'uniform' nor one of the bases"):  # checked before collapsing
         MetaConfig(config=only_adam, priors=("sgd",))
 
 
-def test_prior_sweep_keeps_the_lowest_prior_and_starts_the_others_around_the_first_lr0():
-    cfg = small(lr0=None, lr0_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), lr0_seeds=2)
-    seen: dict[str, list[float]] = {"uniform": [], "adam": []}
+def _prior_runs(seen: dict[str, list], offsets: dict[str, list[float]]):
+    """A fake `run`: each prior (told apart by its vector's value) has its loss lowest at its own λ, plus an
+    offset per training seed (the first PRIOR_SEEDS, in order)."""
+    seeds = sweep_seeds(small(), PRIOR_SEEDS)
+    best = {"uniform+warmup": 3e-3, "uniform": 3e-3, "adam": 1e-2}
 
-    def run(jobs, offsets=(0.5, 0.4)):  # the adam prior's loss is lower by 0.1, best at 3x the uniform one's λ
+    def run(jobs):
         out = []
         for job in jobs:
-            name = "adam" if bool(job.vector.sum() > 0) else "uniform"
-            seen[name].append(job.lr0)
-            best, offset = (1e-2, offsets[1]) if name == "adam" else (3e-3, offsets[0])
-            loss = offset + math.log10(job.lr0 / best) ** 2
+            name = ["uniform+warmup", "uniform", "adam"][int(job.vector[0])]
+            seen[name].append((job.lr0, job.run_seed, job.backbone_warmup))
+            loss = offsets[name][seeds.index(job.run_seed)] + math.log10(job.lr0 / best[name]) ** 2
             out.append(Result(loss, loss, None, None, job.steps))
         return out
+    return run
 
-    vectors = {"uniform": torch.zeros(2), "adam": torch.ones(2)}
-    sweep = prior_sweep(cfg, H, vectors, run)
+
+def test_prior_sweep_keeps_the_first_prior_unless_another_is_lower_on_3_of_4_seeds_and_in_the_mean():
+    warm = functional.Config(normalize="snr", backbone_warmup=0.3)
+    cfg = small(lr0=None, lr0_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), lr0_seeds=2, config=warm)
+    vectors = {name: torch.full((2,), float(i)) for i, name in enumerate(cfg.priors)}
+    seen: dict[str, list] = {name: [] for name in cfg.priors}
+    lower = {"uniform+warmup": [0.5, 0.5, 0.5, 0.5], "uniform": [0.6, 0.6, 0.6, 0.6], "adam": [0.4, 0.45, 0.3, 0.4]}
+    sweep = prior_sweep(cfg, H, vectors, _prior_runs(seen, lower))
     assert sweep["prior"] == "adam" and sweep["lr0"] == pytest.approx(1e-2)
-    assert sweep["priors"]["uniform"]["lr0"] == pytest.approx(3e-3)
-    assert sweep["priors"]["adam"]["lowest"] == pytest.approx(0.4) and sweep["priors"]["uniform"]["lowest"] == 0.5
-    assert sorted(set(seen["adam"]))[:3] == pytest.approx([1e-3, 3e-3, 1e-2])  # around the uniform λ0 first
-    points = len(sweep["priors"]["uniform"]["grid"]) + len(sweep["priors"]["adam"]["grid"])
-    assert sweep["steps"] == points * 2 * H and sweep["grid"] == sweep["priors"]["adam"]["grid"]
-    tie = prior_sweep(cfg, H, vectors, lambda jobs: run(jobs, offsets=(0.5, 0.5)))
-    assert tie["prior"] == "uniform"  # on a tie the first prior stays
+    assert sweep["priors"]["uniform+warmup"]["lr0"] == pytest.approx(3e-3)
+    assert sweep["priors"]["adam"]["by_seed"] == pytest.approx(lower["adam"])  # 2 sweep seeds, 2 more at its λ0
+    assert sweep["priors"]["adam"]["mean"] == pytest.approx(0.3875)
+    assert sorted({lr for lr, _, _ in seen["adam"]})[:3] == pytest.approx([1e-3, 3e-3, 1e-2])  # around the first λ0
+    assert {w for _, _, w in seen["uniform+warmup"]} == {0.3} and {w for _, _, w in seen["adam"]} == {0.0}
+    points = sum(len(p["grid"]) for p in sweep["priors"].values())
+    assert sweep["steps"] == (points * 2 + 3 * 2) * H and sweep["grid"] == sweep["priors"]["adam"]["grid"]
+    assert prior_sweep(cfg, H, vectors, _prior_runs(seen, {**lower, "adam": [0.3, 0.3, 0.3, 0.9]}))["prior"] == "adam"
+    # lower on 2 seeds of 4, on 3 but not in the mean, or equal: the first prior stays
+    for adam in ([0.3, 0.3, 0.55, 0.55], [0.45, 0.45, 0.45, 0.9], [0.5, 0.5, 0.5, 0.5]):
+        assert prior_sweep(cfg, H, vectors, _prior_runs(seen, {**lower, "adam": adam}))["prior"] == "uniform+warmup"
+    # several qualify: the lowest mean of them
+    both = {**lower, "uniform": [0.2, 0.3, 0.3, 0.3]}
+    assert prior_sweep(cfg, H, vectors, _prior_runs(seen, both))["prior"] == "uniform"
+    one = prior_sweep(small(lr0=None, priors=("adam",)), H, {"adam": vectors["adam"]}, _prior_runs(seen, lower))
+    assert one["prior"] == "adam" and len(one["priors"]["adam"]["by_seed"]) == 2  # no choice: no more seeds

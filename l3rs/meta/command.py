@@ -63,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default=Config.schedule,
                         help="base schedule the learned step size deviates from")
     parser.add_argument("--backbone-warmup", type=float, default=d.config.backbone_warmup, metavar="FRACTION",
-                        help="the pretrained backbone's step ramps up over this fraction of each run while the new "
-                             "head's (the task's head tensors) steps at once (default 0: every tensor alike; 0.3 is "
-                             "measured in docs/RESULTS.md, session 24)")
+                        help="the backbone warm-up of the +warmup priors: the pretrained backbone's step ramps up "
+                             "over this fraction of each run while the new head's (the task's head tensors) steps at "
+                             "once (default 0: none; 0.3 makes uniform+warmup the first prior, docs/RESULTS.md "
+                             "sessions 24-25)")
     parser.add_argument("--step-budget", choices=STEP_BUDGETS, default=Config.step_budget,
                         help="shared: the learned λ only redistributes λ0·b(t) over tensors (the model-wide "
                              "RMS step stays the schedule's); free: each tensor's λ moves on its own")
@@ -90,9 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--priors", default=None,
-                        help="comma-separated untrained optimizers to start from: uniform (every base alike) or a "
-                             "base's name (a mix leaning on it); the λ0 sweep runs each and keeps the lowest "
-                             "(default: uniform,adam when adam is one of several bases; with --lr0, the first)")
+                        help="comma-separated untrained optimizers to start from, the first the default: uniform "
+                             "(every base alike) or a base's name (a mix leaning on it), +warmup for the backbone "
+                             "warm-up; the λ0 sweep runs each, a later one replaces the first only if lower on 3 of "
+                             "4 training seeds and in their mean (default: uniform,adam, led by uniform+warmup when "
+                             "--backbone-warmup > 0; with --lr0, the first)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="local worker processes (results do not depend on it)")
@@ -164,9 +167,12 @@ def run(args: argparse.Namespace) -> int:
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
         priors = (info["lr0_sweep"] or {}).get("priors", {})
         if len(priors) > 1:  # which untrained optimizer meta-training started from, and by how much
-            print("priors (lowest λ0-sweep loss): " + ", ".join(
-                f"{name} {s['lowest']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
-                  + f"; kept {info['prior']}")
+            first, seeds = next(iter(priors)), len(next(iter(priors.values())).get("by_seed", ()))
+            why = ("the first: no other is lower on 3 of 4 seeds and in the mean" if info["prior"] == first
+                   else "lower on 3 of 4 seeds and in the mean")
+            print(f"priors (mean of {seeds} training seeds at each one's λ0): " + ", ".join(
+                f"{name} {s['mean']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
+                  + f"; kept {info['prior']} ({why})")
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "

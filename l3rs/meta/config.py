@@ -11,6 +11,12 @@ from l3rs.functional import Config
 ESTIMATOR_NAMES = ("es", "pes", "bptt")
 OBJECTIVES = ("val_loss", "train_loss", "val_metric")
 HORIZON_DRAWS = ("equal-steps", "log-uniform")
+WARMUP = "+warmup"  # a prior's suffix: the backbone warm-up on
+
+
+def prior_mix(prior: str) -> str:
+    """The mix a `MetaConfig.priors` name starts from ("uniform" or the base it leans on)."""
+    return prior.removesuffix(WARMUP)
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,14 @@ class MetaConfig:
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
         None fits it from a second sweep of the untrained optimizer at 4x the horizon (it replaces
         config.horizon_exponent).
-    priors: the untrained optimizers meta-training may start from: "uniform" (every base alike) or a base's
-        name (a mix leaning on it, `Config.init_meta`). The λ0 sweep runs each and keeps the one with the
-        lowest validation loss (one prior: no choice). None: uniform and adam when adam is one of several bases.
-        With a fixed `lr0` (no sweep) the first one is used.
-    config: the trained optimizer's Config (default: `Config(normalize="snr")`).
+    priors: the untrained optimizers meta-training may start from, first the default: "uniform" (every base
+        alike) or a base's name (a mix leaning on it, `Config.init_meta`), either with "+warmup" (the backbone
+        warm-up `config.backbone_warmup` on) or without (off). The λ0 sweep runs each; a later one replaces the
+        first only if it is lower on 3 of 4 training seeds and in their mean (`sweeps.prior_sweep`). None:
+        uniform+warmup when `config.backbone_warmup` > 0, then uniform, and adam when adam is one of several
+        bases. With a fixed `lr0` (no sweep) the first one is used.
+    config: the trained optimizer's Config (default: `Config(normalize="snr")`; its backbone warm-up applies
+        only when the kept prior is a "+warmup" one).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
     """
 
@@ -120,16 +129,27 @@ class MetaConfig:
         object.__setattr__(self, "priors", self._resolve_priors())
 
     def _resolve_priors(self) -> tuple[str, ...]:
-        bases = self.config.bases
+        bases, warm = self.config.bases, self.config.backbone_warmup > 0
         if self.priors is None:
-            return ("uniform", "adam") if "adam" in bases and len(bases) > 1 else ("uniform",)
+            mixes = ("uniform", "adam") if "adam" in bases and len(bases) > 1 else ("uniform",)
+            return ("uniform" + WARMUP,) * warm + mixes
         priors = tuple(self.priors)
         if not priors or len(set(priors)) != len(priors):
             raise ValueError(f"priors must name at least one prior, each once, got {priors!r}")
         for name in priors:
-            if name != "uniform" and name not in bases:
-                raise ValueError(f"prior {name!r} is neither 'uniform' nor one of the bases {bases}")
-        return ("uniform",) if len(bases) == 1 else priors  # a mix of one base: every prior is the same optimizer
+            mix, suffix = prior_mix(name), name[len(prior_mix(name)):]
+            if (mix != "uniform" and mix not in bases) or suffix not in ("", WARMUP):
+                raise ValueError(f"prior {name!r} is neither 'uniform' nor one of the bases {bases}, "
+                                 f"optionally with {WARMUP!r}")
+            if suffix and not warm:
+                raise ValueError(f"prior {name!r} needs a backbone warm-up: config.backbone_warmup is 0")
+        if len(bases) == 1:  # a mix of one base: every mix is the same optimizer, the warm-up still differs
+            priors = tuple(dict.fromkeys("uniform" + name[len(prior_mix(name)):] for name in priors))
+        return priors
+
+    def warmup_of(self, prior: str) -> float:
+        """The backbone warm-up of the optimizer started from `prior` (0 unless it is a +warmup one)."""
+        return self.config.backbone_warmup if prior.endswith(WARMUP) else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

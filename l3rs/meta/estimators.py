@@ -32,6 +32,12 @@ class Context:
     horizon: int  # the task's horizon: sampled run lengths are multiples of it
     lr0: float
     horizon_exponent: float = 0.0
+    backbone_warmup: float = 0.0
+
+    @property
+    def settings(self) -> dict[str, float]:
+        """What every job tells the optimizer besides its meta-parameters and λ0 (chosen by the sweeps)."""
+        return {"horizon_exponent": self.horizon_exponent, "backbone_warmup": self.backbone_warmup}
 
 
 class Particles(NamedTuple):
@@ -115,7 +121,7 @@ def es(ctx: Context, vector: Tensor, iteration: int, particles: Particles | None
         task_seed = seed_of(cfg.seed, "task", iteration, i % cfg.tasks_per_iteration)
         run_seed = seed_of(cfg.seed, "run", iteration, i)
         jobs += [Job(task_seed, run_seed, vector + sign * cfg.sigma * eps[i], ctx.lr0, horizon, horizon,
-                     cfg.objective, horizon_exponent=ctx.horizon_exponent) for sign in (1.0, -1.0)]
+                     cfg.objective, **ctx.settings) for sign in (1.0, -1.0)]
     results = run(jobs)
     values = torch.tensor([r.objective for r in results], dtype=torch.float64).view(pairs, 2)
     shaped, tasks = torch.empty(pairs, 2), cfg.tasks_per_iteration
@@ -185,7 +191,7 @@ def pes(ctx: Context, vector: Tensor, iteration: int, particles: Particles | Non
         for k, sign in ((2 * i, 1.0), (2 * i + 1, -1.0)):
             jobs.append(Job(slot.task_seed, slot.run_seed, vector + sign * cfg.sigma * eps[i], ctx.lr0, slot.steps,
                             slot.horizon, cfg.objective, particles.states[k], keep=True, weight=weight,
-                            log=_log_objective(cfg), horizon_exponent=ctx.horizon_exponent))
+                            log=_log_objective(cfg), **ctx.settings))
             owners.append(k)
     results = run(jobs)
     values = torch.full((2 * pairs,), math.nan, dtype=torch.float64)
@@ -212,7 +218,7 @@ def bptt(ctx: Context, vector: Tensor, iteration: int, particles: Particles | No
     slots = [_advance(ctx, "bptt", particles, i, (i,)) for i in range(count)]
     jobs = [Job(slot.task_seed, slot.run_seed, vector, ctx.lr0, slot.steps, slot.horizon, cfg.objective,
                 particles.states[i], grad=True, keep=True, weight=end_weight(cfg, slot.done + slot.steps, slot.horizon),
-                log=_log_objective(cfg), horizon_exponent=ctx.horizon_exponent,
+                log=_log_objective(cfg), **ctx.settings,
                 linearized=cfg.truncation == 0 and cfg.first_order) for i, slot in enumerate(slots)]
     results = run(jobs)
     grads = []

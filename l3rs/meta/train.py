@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from l3rs import mixer
 from l3rs.functional import Config
 from l3rs.io import atomic_write
-from l3rs.meta.config import MetaConfig
+from l3rs.meta.config import MetaConfig, prior_mix
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
 from l3rs.meta.sweeps import LONG_SWEEP, horizon_exponent_fit, long_sweep_steps, lr0_sweep, prior_sweep
@@ -69,6 +69,7 @@ class TrainState:
     untrained_validation_by_seed: list[list[float]] | None = None
     best_validation_by_seed: list[list[float]] | None = None
     prior: str = "uniform"  # the untrained optimizer it started from (`MetaConfig.priors`)
+    backbone_warmup: float = 0.0  # of the trained optimizer (its prior's: `MetaConfig.warmup_of`)
     particles: Particles | None = None
 
     def to_doc(self) -> dict[str, Any]:
@@ -94,7 +95,8 @@ def optimizer_config(cfg: MetaConfig, horizon: int) -> Config:
 
 def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "uniform") -> Tensor:
     """The flat meta-parameters of the untrained optimizer meta-training starts from (a `MetaConfig.priors` name)."""
-    return mixer.flatten(config.init_meta(num_tensors, seed, None if prior == "uniform" else prior))
+    mix = prior_mix(prior)
+    return mixer.flatten(config.init_meta(num_tensors, seed, None if mix == "uniform" else mix))
 
 
 def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None = None,
@@ -108,7 +110,7 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
                     workers or config.workers)
     try:
         vector = initial_vector(opt_config, config.seed, len(_tensors(family)[0]), config.priors[0])
-        return lr0_sweep(config, horizon, vector, runner)["lr0"]
+        return lr0_sweep(config, horizon, vector, runner, warmup=config.warmup_of(config.priors[0]))["lr0"]
     finally:
         runner.close()
 
@@ -137,16 +139,16 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     vectors = {prior: initial_vector(opt_config, cfg.seed, count, prior) for prior in cfg.priors}
     sweep = None if cfg.lr0 is not None else prior_sweep(cfg, horizon, vectors, run)
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
-    vector = vectors[prior]
+    vector, warmup = vectors[prior], cfg.warmup_of(prior)
     fit = None
     if cfg.horizon_exponent is None and _long_sweep_fits(cfg, horizon, sweep, run):
-        fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run)
+        fit = horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup)
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent or 0.0
     validation_start = time.perf_counter()
     val, validation_seconds = None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
-        val = validate(cfg, horizon, vector, lr0, run, exponent)
+        val = validate(cfg, horizon, vector, lr0, run, exponent, warmup)
         validation_seconds = time.perf_counter() - validation_start
     values, by_seed = (val.values, val.by_seed) if val else (None, None)
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
@@ -155,7 +157,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
                       steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, fit) if s),
                       validation_seconds=validation_seconds, validation_total=validation_seconds,
                       horizon_exponent=exponent, horizon_sweep=fit, untrained_validation_by_seed=by_seed,
-                      best_validation_by_seed=by_seed, prior=prior)
+                      best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup)
 
 
 def _save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
@@ -188,6 +190,7 @@ def _load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
     tensors = load_file(path)
     layout = doc.pop("particles")
     doc.pop("meta_config")
+    doc.setdefault("backbone_warmup", cfg.config.backbone_warmup)  # before priors chose it: every run had it
     particles = None
     if layout is not None:
         states = [unpack(tensors, f"particle.{i}.") if present else None
@@ -233,7 +236,8 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     """best/ and latest/ as optimizer directories loadable by `L3RS.from_pretrained`."""
     names, shapes = _tensors(family)
     like = opt_config.init_meta(len(names))
-    opt_config = dataclasses.replace(opt_config, horizon_exponent=state.horizon_exponent)
+    opt_config = dataclasses.replace(opt_config, horizon_exponent=state.horizon_exponent,
+                                     backbone_warmup=state.backbone_warmup)
     info = {"meta_train_seconds": state.seconds, "meta_train_steps": state.steps, "task": family.name,
             "horizon": horizon, "estimator": cfg.estimator, "objective": cfg.objective,
             "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
@@ -323,7 +327,7 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
 def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner) -> tuple[float, Validation]:
     """Validate the current meta-parameters; keep them as best if they score better. Returns (score, it)."""
     start = time.perf_counter()
-    val = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent)
+    val = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent, state.backbone_warmup)
     state.steps += val.steps
     state.validation_seconds = run.agree(time.perf_counter() - start)
     state.validation_total += state.validation_seconds
@@ -343,7 +347,8 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
         _export(out, state, family, cfg, opt_config, horizon)
     if state.untrained_validation is None:  # nothing could be validated: ship the untrained optimizer
         return
-    estimator, ctx = ESTIMATORS[cfg.estimator], Context(cfg, horizon, state.lr0, state.horizon_exponent)
+    estimator = ESTIMATORS[cfg.estimator]
+    ctx = Context(cfg, horizon, state.lr0, state.horizon_exponent, state.backbone_warmup)
     budget = math.inf if cfg.budget_minutes is None else 60 * cfg.budget_minutes
     bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not (progress and lead),
                desc="meta-train", unit="it")

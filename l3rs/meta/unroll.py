@@ -199,6 +199,7 @@ class Job(NamedTuple):
     weight: float = 1.0  # meta_objective = weight * transform(objective)
     log: bool = False  # transform = log (losses of runs of any length and task weigh alike)
     horizon_exponent: float = 0.0  # the optimizer's α (fitted by meta-training after the workers started)
+    backbone_warmup: float = 0.0  # the optimizer's backbone warm-up (its prior, chosen after they started)
     linearized: bool = False  # grad of a whole run in O(1) memory (`linearized_grad`; first order)
 
 
@@ -254,8 +255,9 @@ class Worker:
     def __call__(self, job: Job) -> Result:
         task = self.task(job.task_seed)
         config = self.config
-        if job.horizon_exponent != config.horizon_exponent:
-            config = dataclasses.replace(config, horizon_exponent=job.horizon_exponent)
+        if (job.horizon_exponent, job.backbone_warmup) != (config.horizon_exponent, config.backbone_warmup):
+            config = dataclasses.replace(config, horizon_exponent=job.horizon_exponent,
+                                         backbone_warmup=job.backbone_warmup)
         if job.linearized:
             return self._linearized(job, task, config)
         vector = job.vector.detach().clone().requires_grad_(job.grad)

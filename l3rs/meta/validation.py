@@ -26,7 +26,7 @@ class Validation(NamedTuple):
 
 
 def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
-             horizon_exponent: float = 0.0) -> Validation:
+             horizon_exponent: float = 0.0, backbone_warmup: float = 0.0) -> Validation:
     """Full unrolls on held-out head seeds of the family's base task (val loss, or error for val_metric).
 
     The base task, not perturbed family samples: the kept checkpoint must be the best for the environment
@@ -34,8 +34,8 @@ def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any
     objective = "val_metric" if cfg.objective == "val_metric" else "val_loss"
     lengths = [max(1, round(m * horizon)) for m in cfg.validation_horizons]
     seeds = cfg.validation_seeds
-    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent)
-            for n in lengths for k in range(seeds)]
+    jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent,
+                backbone_warmup=backbone_warmup) for n in lengths for k in range(seeds)]
     results = run(jobs)
     return Validation(mean_objectives(results, seeds), grouped_objectives(results, seeds),
                       sum(r.steps for r in results))
