@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from l3rs.errors import UsageError
 from l3rs.functional import NORMALIZATIONS, SCHEDULES, STEP_BUDGETS, Config
 from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, MetaConfig
+from l3rs.meta.sweeps import PRIOR_WIN_SHARE
 
 DEFAULT_BUDGET_MINUTES = 5.0
 MIN_BUDGET_MINUTES = 1.0  # below this the λ0 sweep and the first validation would not fit
@@ -167,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
         priors = (info["lr0_sweep"] or {}).get("priors", {})
         if len(priors) > 1:  # which untrained optimizer meta-training started from, and by how much
-            first, seeds = next(iter(priors)), len(next(iter(priors.values())).get("by_seed", ()))
-            why = ("the first: no other is lower on 3 of 4 seeds and in the mean" if info["prior"] == first
-                   else "lower on 3 of 4 seeds and in the mean")
+            first, seeds = next(iter(priors)), len(next(iter(priors.values()))["by_seed"])
+            rule = f"lower on {math.ceil(PRIOR_WIN_SHARE * seeds)} of {seeds} seeds and in the mean"
+            why = f"the first: no other is {rule}" if info["prior"] == first else rule
             print(f"priors (mean of {seeds} training seeds at each one's λ0): " + ", ".join(
                 f"{name} {s['mean']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
                   + f"; kept {info['prior']} ({why})")
