@@ -63,7 +63,8 @@ def untrained(task: str, best: Path, out: Path) -> Path:
     swept λ0, α and prior given (so no sweep runs again) exports the initial mixer with them."""
     info = json.loads((best / "optimizer.json").read_text())
     return meta_train(task, out, 0, ["--lr0", repr(info["lr"]), "--priors", info.get("prior", "uniform"),
-                                     "--horizon-exponent", repr(info["config"]["horizon_exponent"])])
+                                     "--horizon-exponent", repr(info["config"]["horizon_exponent"]),
+                                     "--backbone-warmup", repr(info["config"].get("backbone_warmup", 0.0))])
 
 
 def optimizer_key(best: Path) -> str:

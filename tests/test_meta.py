@@ -512,6 +512,17 @@ def test_meta_train_says_when_the_untrained_optimizer_ships(tmp_path, monkeypatc
     assert "(untrained: no room to meta-train; prior " in capsys.readouterr().out
 
 
+def test_a_backbone_warmup_without_a_warmup_prior_is_said(tmp_path, capsys):
+    args = ["meta-train", "--task", "test_meta:stiff_task", "--iterations", "0", "--lr0", "0.03",
+            "--horizon-exponent", "0", "--no-progress", "--backbone-warmup", "0.3"]
+    assert cli_main([*args, "--out", str(tmp_path / "a"), "--priors", "uniform"]) == 0
+    assert "--priors names none: no run warms up" in capsys.readouterr().err
+    assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0  # the default priors lead with uniform+warmup
+    assert "warms up" not in capsys.readouterr().err
+    info = json.loads((tmp_path / "b" / "best" / "optimizer.json").read_text())
+    assert info["prior"] == "uniform+warmup" and info["config"]["backbone_warmup"] == 0.3  # --lr0: the first
+
+
 def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, capsys):
     out = tmp_path / "x"
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(out), "--no-progress",

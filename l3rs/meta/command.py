@@ -6,11 +6,11 @@ import argparse
 import json
 import math
 import os
+import sys
 
 from l3rs.errors import UsageError
 from l3rs.functional import NORMALIZATIONS, SCHEDULES, STEP_BUDGETS, Config
-from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, MetaConfig
-from l3rs.meta.sweeps import PRIOR_WIN_SHARE
+from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, WARMUP, MetaConfig
 
 DEFAULT_BUDGET_MINUTES = 5.0
 MIN_BUDGET_MINUTES = 1.0  # below this the λ0 sweep and the first validation would not fit
@@ -149,10 +149,14 @@ def _by_seed(values: list[list[float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from l3rs.meta.sweeps import PRIOR_WIN_SHARE
     from l3rs.meta.train import train
     from l3rs.tasks import resolve
 
     cfg = meta_config(args)
+    if cfg.config.backbone_warmup and not any(p.endswith(WARMUP) for p in cfg.priors):
+        print(f"meta-train: --backbone-warmup applies to the {WARMUP} priors and --priors names none: no run "
+              "warms up its backbone", file=sys.stderr)
     task = resolve(args.task)
     try:
         best = train(task, args.out, cfg, resume=args.resume, progress=not args.no_progress)
