@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -149,7 +148,7 @@ def _by_seed(values: list[list[float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l3rs.meta.sweeps import PRIOR_WIN_SHARE
+    from l3rs.meta.sweeps import prior_wins_needed
     from l3rs.meta.train import train
     from l3rs.tasks import resolve
 
@@ -174,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         priors = (info["lr0_sweep"] or {}).get("priors", {})
         if len(priors) > 1:  # which untrained optimizer meta-training started from, and by how much
             first, seeds = next(iter(priors)), len(next(iter(priors.values()))["by_seed"])
-            rule = f"lower on {math.ceil(PRIOR_WIN_SHARE * seeds)} of {seeds} seeds and in the mean"
+            rule = f"lower on {prior_wins_needed(seeds)} of {seeds} seeds and in the mean"
             why = f"the first: no other is {rule}" if info["prior"] == first else rule
             print(f"priors (mean of {seeds} training seeds at each one's λ0): " + ", ".join(
                 f"{name} {s['mean']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())

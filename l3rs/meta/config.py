@@ -137,14 +137,13 @@ class MetaConfig:
         if not priors or len(set(priors)) != len(priors):
             raise ValueError(f"priors must name at least one prior, each once, got {priors!r}")
         for name in priors:
-            mix, suffix = prior_mix(name), name[len(prior_mix(name)):]
-            if (mix != "uniform" and mix not in bases) or suffix not in ("", WARMUP):
+            if prior_mix(name) != "uniform" and prior_mix(name) not in bases:
                 raise ValueError(f"prior {name!r} is neither 'uniform' nor one of the bases {bases}, "
                                  f"optionally with {WARMUP!r}")
-            if suffix and not warm:
+            if name.endswith(WARMUP) and not warm:
                 raise ValueError(f"prior {name!r} needs a backbone warm-up: config.backbone_warmup is 0")
         if len(bases) == 1:  # a mix of one base: every mix is the same optimizer, the warm-up still differs
-            priors = tuple(dict.fromkeys("uniform" + name[len(prior_mix(name)):] for name in priors))
+            priors = tuple(dict.fromkeys("uniform" + WARMUP * name.endswith(WARMUP) for name in priors))
         return priors
 
     def warmup_of(self, prior: str) -> float:

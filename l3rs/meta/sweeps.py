@@ -49,6 +49,11 @@ PRIOR_SEEDS = 4
 PRIOR_WIN_SHARE = 0.75
 
 
+def prior_wins_needed(seeds: int) -> int:
+    """On how many of `seeds` seeds a later prior must be lower than the first to replace it."""
+    return math.ceil(PRIOR_WIN_SHARE * seeds)
+
+
 def sweep_seeds(cfg: MetaConfig, count: int) -> list[int]:
     """The head seeds of the sweeps' first `count` runs per λ (training seeds, never validation's)."""
     return [seed_of(cfg.seed, "sweep-run", k) for k in range(count)]
@@ -157,7 +162,7 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
     def wins(name: str) -> int:
         return sum(b < a for a, b in zip(by_seed[first], by_seed[name], strict=True))
 
-    needed = math.ceil(PRIOR_WIN_SHARE * len(by_seed[first]))
+    needed = prior_wins_needed(len(by_seed[first]))
     lower = [name for name in others if mean(name) < mean(first) and wins(name) >= needed]
     kept = min(lower, key=mean) if lower else first
     return {**sweeps[kept], "prior": kept,

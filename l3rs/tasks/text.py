@@ -247,6 +247,7 @@ def top_blocks_state(blocks: int) -> dict[str, Tensor]:
 
 
 # --- tasks and families ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)  # read by `splits` and `inputs_from`: the corpus is parsed once
 def _chosen(recipe: TextRecipe, heldout: bool) -> tuple[list[tuple[list[str], list[int]]], tuple[str, ...]]:
     """(texts and labels per split, every split's texts in order) of the main or the held-out topics."""
     topics = recipe.heldout_topics if heldout else recipe.topics
