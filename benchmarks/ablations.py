@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                           "the base schedule and the bounded deviation"),
     "no-alpha": (["--horizon-exponent", "0"], "the horizon exponent α (λ0 at any length)"),
     "free-step": (["--step-budget", "free"], "the shared step budget"),
+    "no-floor": (["--min-log-scale", "none"], "the floor under each tensor's step (none)"),
     "fixed-length": (["--horizon-range", "1,1"], "sampled run lengths (every run at the horizon)"),
     "plain-objective": (["--no-log-objective", "--end-weight", "1"], "the end-weighted log objective"),
     "select-1x": (["--validation-horizons", "1"], "checkpoint selection at 1x and 4x (1x only)"),

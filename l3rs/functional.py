@@ -10,8 +10,9 @@ base schedule over the run's progress t/T (warm-up, then cosine decay), h(T) = m
 step's shrinkage for runs longer than the meta-training horizon T_ref: the mixer learns a bounded
 deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
 step_budget="shared", s is shifted so that Σ_l numel_l · exp(2 s_l) = Σ_l numel_l: the mixer redistributes
-the step over tensors and the model-wide RMS step stays λ0 · h(T) · b(t/T). wd is AdamW's decoupled weight
-decay (`Config.weight_decay`, 0.01 as AdamW's default), scaled by the scheduled step.
+the step over tensors and the model-wide RMS step stays λ0 · h(T) · b(t/T); then a floor, s >= min_log_scale.
+wd is AdamW's decoupled weight decay (`Config.weight_decay`, 0.01 as AdamW's default), scaled by the
+scheduled step.
 
     state = init(config, params)
     updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
@@ -73,6 +74,9 @@ class Config:
     # λ0·b(t/T) (truncated meta-gradients otherwise shrink every λ: short-horizon bias); "free": each λ_l
     # moves on its own within e^±max_log_scale
     step_budget: str = "shared"
+    # after the budget, no tensor steps below e^this of the schedule (None: no floor). Weighted by size, the
+    # budget lets truncated meta-gradients park every small tensor (the new head's too) at 0.003x at no cost
+    min_log_scale: float | None = -1.0
     reference_horizon: int | None = None  # meta-training horizon: feeds the log(T / T_ref) feature
     # α: runs longer than the reference horizon T_ref step with λ0 · (T_ref / T)^α (fitted by meta-training
     # from λ0 sweeps at 1x and 4x; longer fine-tuning runs overfit at the λ0 that is best for short ones)
@@ -111,6 +115,8 @@ class Config:
             raise ValueError(f"backbone_warmup must be a fraction of the run in [0, 1), got {self.backbone_warmup!r}")
         if not self.max_log_scale > 0:
             raise ValueError(f"max_log_scale must be positive, got {self.max_log_scale!r}")
+        if self.min_log_scale is not None and not -math.inf < self.min_log_scale <= 0:
+            raise ValueError(f"min_log_scale must be finite and <= 0 (None: no floor), got {self.min_log_scale!r}")
         if not 0 <= self.average <= 1:
             raise ValueError(f"average must be a fraction of the run in [0, 1] (0: off), got {self.average!r}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -143,8 +149,8 @@ class Config:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        # optimizers saved before step_budget / weight_decay existed: free λ, no decay (their meaning unchanged)
-        return cls(**{"step_budget": "free", "weight_decay": 0.0, **d})
+        # saved before step_budget / weight_decay / min_log_scale existed: free λ, no decay, no floor (as then)
+        return cls(**{"step_budget": "free", "weight_decay": 0.0, "min_log_scale": None, **d})
 
     def init_meta(self, num_tensors: int, seed: int = 0, lean: str | None = None) -> mixer.Meta:
         """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global"): a uniform
@@ -235,6 +241,8 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
     if config.step_budget == "shared":  # Σ n_l e^{2 s_l} = Σ n_l: the RMS step over all elements is λ0·b
         weights = torch.ones_like(s) if sizes is None else sizes.to(s.dtype)
         s = s - 0.5 * (torch.logsumexp(2 * s + weights.log(), 0) - weights.sum().log())
+    if config.min_log_scale is not None:
+        s = s.clamp_min(config.min_log_scale)
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
     return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
 
@@ -374,11 +382,6 @@ def apply_updates(params: TensorList, updates: TensorList) -> TensorList:
 
 
 # --------------------------------------------------------------------------- averaged weights (Config.average)
-def average_init(params: TensorList) -> TensorList:
-    """The averaged weights before any step: the starting weights."""
-    return [p.detach().clone() for p in params]
-
-
 def average_weight(config: Config, steps: int, total_steps: int | None) -> float:
     """The weight of the newest iterate after `steps` (>= 1) updates: the mean of every iterate so far until
     the EMA's window (`config.average` of a `total_steps` run) is reached, then the EMA's 1 / window; the

@@ -3,6 +3,8 @@ optimizer's fast path) are one implementation and must agree step by step."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -90,8 +92,9 @@ def test_in_place_step_overwrites_the_moments_and_skips_non_finite_gradients():
 
 
 def test_shared_step_budget_keeps_the_model_wide_rms_step():
-    """With step_budget="shared" the mixer redistributes λ over tensors: Σ n_l λ_l² = Σ n_l (λ0·b)²."""
-    config = functional.Config()
+    """With step_budget="shared" the mixer redistributes λ over tensors: Σ n_l λ_l² = Σ n_l (λ0·b)² (exactly
+    without the floor, which may lift a tensor above it)."""
+    config = functional.Config(min_log_scale=None)
     meta = config.init_meta(3, seed=1)
     meta["layers.2.weight"] = torch.randn_like(meta["layers.2.weight"])  # a mixer that moves s
     x = torch.randn(3, config.num_features)
@@ -100,15 +103,39 @@ def test_shared_step_budget_keeps_the_model_wide_rms_step():
     base = 0.1 * functional.schedule(config, 50, 100)
     assert not torch.allclose(lam, torch.full_like(lam, base))  # the tensors differ ...
     assert torch.allclose((sizes * lam**2).sum(), sizes.sum() * base**2)  # ... within one budget
-    free = functional.Config(step_budget="free")
+    free = functional.Config(step_budget="free", min_log_scale=None)
     lam_free, _ = functional.coefficients(free, meta, x, 0.1, step=50, total_steps=100, sizes=sizes)
     assert not torch.allclose((sizes * lam_free**2).sum(), sizes.sum() * base**2)
 
 
+def test_no_tensor_steps_below_the_floor_after_the_budget():
+    """min_log_scale: after the shared budget, λ_l >= λ0·b·e^floor; tensors above it are untouched, and the
+    untrained optimizer (s = 0 everywhere) does not meet it."""
+    meta = functional.Config().init_meta(3, seed=1)
+    rng = torch.Generator().manual_seed(0)
+    out = meta["layers.2.weight"]
+    meta["layers.2.weight"] = torch.randn(out.shape, generator=rng) * 100  # s saturates at ±3, tensor by tensor
+    x = torch.randn(3, functional.Config().num_features, generator=rng)
+    sizes = torch.tensor([10.0, 1000.0, 5.0])
+    base = 0.1 * functional.schedule(functional.Config(), 50, 100)
+    lam = {}
+    for floor in (None, -1.0):
+        config = functional.Config(min_log_scale=floor)
+        lam[floor], _ = functional.coefficients(config, meta, x, 0.1, step=50, total_steps=100, sizes=sizes)
+    assert (lam[None] < base * math.exp(-1.0)).any()  # without the floor some tensor is parked below it
+    assert torch.allclose(lam[-1.0], lam[None].clamp_min(base * math.exp(-1.0)))
+    untrained = functional.Config().init_meta(3)
+    flat, _ = functional.coefficients(functional.Config(), untrained, x, 0.1, step=50, total_steps=100, sizes=sizes)
+    assert torch.allclose(flat, torch.full_like(flat, base))
+    with pytest.raises(ValueError, match="min_log_scale"):
+        functional.Config(min_log_scale=0.5)
+
+
 def test_configs_saved_before_the_step_budget_keep_their_free_step_sizes():
     saved = functional.Config(step_budget="free").to_dict()
-    del saved["step_budget"]
-    assert functional.Config.from_dict(saved).step_budget == "free"
+    del saved["step_budget"], saved["min_log_scale"]
+    old = functional.Config.from_dict(saved)
+    assert old.step_budget == "free" and old.min_log_scale is None  # nor the floor that came later
     with pytest.raises(ValueError, match="step_budget"):
         functional.Config(step_budget="global")
 

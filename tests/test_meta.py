@@ -574,6 +574,17 @@ def test_validation_seeds_reach_the_meta_config():
     assert meta_config(args).validation_seeds == 6
 
 
+@pytest.mark.parametrize("text, floor", [("-2", -2.0), ("none", None), ("None", None)])
+def test_the_step_floor_reaches_the_optimizer_config(text, floor):
+    from l3rs.cli import build_parser
+    from l3rs.meta.command import meta_config
+
+    args = build_parser("meta-train").parse_args(["meta-train", "--task", "t", "--out", "o", "--min-log-scale", text])
+    assert meta_config(args).config.min_log_scale == floor
+    default = build_parser("meta-train").parse_args(["meta-train", "--task", "t", "--out", "o"])
+    assert meta_config(default).config.min_log_scale == functional.Config.min_log_scale == -1.0
+
+
 # The pools' children, started for real in a child process that is then SIGKILLed (no shutdown runs).
 _POOL_CHILDREN = {
     "meta-train": """

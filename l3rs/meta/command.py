@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "by the scheduled step λ0·b(t); 0: none)")
     parser.add_argument("--max-log-scale", type=float, default=Config.max_log_scale,
                         help="bound on the learned deviation: λ within λ0·b(t)·e^±this")
+    parser.add_argument("--min-log-scale", type=_floor, default=Config.min_log_scale, metavar="FLOOR",
+                        help="no tensor's λ below λ0·b(t)·e^this after the step budget (none: no floor)")
     parser.add_argument("--tasks-per-iteration", type=int, default=d.tasks_per_iteration,
                         help="tasks sampled from the family per iteration (their estimates are averaged)")
     parser.add_argument("--second-order", action="store_true",
@@ -105,6 +107,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _floor(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number <= 0 or none, got {text!r}") from None
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -122,8 +133,9 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
     try:
         bases = tuple(b.strip() for b in args.bases.split(",") if b.strip()) if args.bases else None
         config = Config(bases=bases or Config.bases, normalize=args.normalize, schedule=args.schedule,
-                        max_log_scale=args.max_log_scale, step_budget=args.step_budget, average=args.average,
-                        weight_decay=args.weight_decay, backbone_warmup=args.backbone_warmup)
+                        max_log_scale=args.max_log_scale, min_log_scale=args.min_log_scale,
+                        step_budget=args.step_budget, average=args.average, weight_decay=args.weight_decay,
+                        backbone_warmup=args.backbone_warmup)
         priors = tuple(p.strip() for p in args.priors.split(",") if p.strip()) if args.priors is not None else None
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=1_000_000 if args.iterations is None else args.iterations,

@@ -165,7 +165,8 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
     needed = prior_wins_needed(len(by_seed[first]))
     lower = [name for name in others if mean(name) < mean(first) and wins(name) >= needed]
     kept = min(lower, key=mean) if lower else first
-    return {**sweeps[kept], "prior": kept,
+    kept_sweep = {k: v for k, v in sweeps[kept].items() if k != "best_by_seed"}  # in "priors" with more seeds
+    return {**kept_sweep, "prior": kept,
             "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["lr0"],
                               "by_seed": by_seed[name], "mean": mean(name)} for name, s in sweeps.items()},
             "seconds": time.perf_counter() - start, "steps": steps}

@@ -105,7 +105,7 @@ def unroll(
     dev = plist[0].device
     if particle is None:
         state = functional.init(config, plist)
-        average = functional.average_init(plist) if config.average else None
+        average = [p.detach().clone() for p in plist] if config.average else None  # the starting weights
     else:
         state, average = particle.state, particle.average
     start = state.moments.step
