@@ -1,11 +1,13 @@
 """How reliable is the α sweep? Per-seed validation losses of the untrained L3RS at 4x a task's horizon over the
-long sweep's points (λ0 / ratio^k), on more training seeds than meta-training uses; then what
+long sweep's points and half steps (λ0 / ratio^(k/2)), on more training seeds than meta-training uses; then what
 `l3rs.meta.sweeps.horizon_exponent_fit` (the library's own code) fits from every pair of them. Prints JSON.
 
-λ0 is the task's swept one (`--lr0` skips that sweep). The pairs replay the library's seed-count, its steps down
-and its margin on the stored losses, so the spread of α over pairs is the spread a meta-training run meets.
+λ0 is the task's swept one for `--prior` (`--lr0` skips that sweep; give the prior the task's meta-training
+keeps, `lr0_sweep.prior` in its optimizer.json). The pairs replay the library's seed count, its steps down, its
+margin and its half steps on the stored losses, so the spread of α over pairs is the spread a meta-training
+run meets.
 
-    python benchmarks/alpha_sweep.py [--tasks cnn04-mnist59,mnistcnn-digits] [--seeds 6] [--lr0 0.09]
+    python benchmarks/alpha_sweep.py [--tasks minilm-chatterbot] [--prior adam] [--seeds 6] [--lr0 3e-4]
         [--workers 2] > out.json
 """
 
@@ -36,20 +38,26 @@ from l3rs.meta.train import initial_vector, optimizer_config, tune_lr0
 from l3rs.meta.unroll import Job, Result, Worker
 
 
-def per_seed_losses(task: str, lr0: float, seeds: int, workers: int) -> tuple[float, list[list[float]]]:
-    """(grid ratio, losses[seed][k]) of the untrained L3RS at λ0 / ratio^k, k < LONG_SWEEP_POINTS, at 4x."""
+def half_steps(lr0: float, ratio: float) -> list[float]:
+    """Every λ the long sweep can run: the grid steps down from λ0 and the half steps between them."""
+    return [lr0 / ratio ** (k / 2) for k in range(2 * LONG_SWEEP_POINTS - 1)]
+
+
+def per_seed_losses(task: str, lr0: float, seeds: int, workers: int, prior: str) -> tuple[float, list[list[float]]]:
+    """(grid ratio, losses[seed][k]) of the untrained L3RS at λ0 / ratio^(k/2), k < 2 LONG_SWEEP_POINTS − 1,
+    at 4x."""
     cfg = MetaConfig(workers=workers)
     family = tasks.family(task)
     horizon = family.base.horizon
     config = optimizer_config(cfg, horizon)
     ratio = grid_ratio(cfg.lr0_grid)
-    lrs = [lr0 / ratio**k for k in range(LONG_SWEEP_POINTS)]
+    lrs = half_steps(lr0, ratio)
     steps = round(LONG_SWEEP * horizon)
     run_seeds = sweep_seeds(cfg, seeds)
     runner = Runner(Worker(family, config, cfg.first_order, cfg.val_subset, None), workers)
     try:
         tensors = sum(p.requires_grad for p in family.base.model_fn(0).parameters())
-        vector = initial_vector(config, cfg.seed, tensors)  # meta-training's untrained (uniform) optimizer
+        vector = initial_vector(config, cfg.seed, tensors, prior)  # meta-training's untrained optimizer
         results = runner([Job(None, r, vector, lr, steps, steps, "val_loss") for r in run_seeds for lr in lrs])
     finally:
         runner.close()
@@ -63,7 +71,7 @@ def replay(losses: list[list[float]], seeds: tuple[int, ...], lr0: float, ratio:
 
     def run(jobs: list[Job]) -> list[Result]:
         def loss(job: Job) -> float:
-            k = round(math.log(lr0 / job.lr0) / math.log(ratio))
+            k = round(2 * math.log(lr0 / job.lr0) / math.log(ratio))
             return losses[seeds[run_seeds.index(job.run_seed)]][k]
         return [Result(loss(j), 0.0, None, None, j.steps) for j in jobs]
 
@@ -75,16 +83,17 @@ def main() -> None:
     parser.add_argument("--tasks", default="cnn04-mnist59,mnistcnn-digits,minilm-chatterbot,mlp-mnist1d-shift")
     parser.add_argument("--seeds", type=int, default=6, help="training seeds per point (the sweep uses the first)")
     parser.add_argument("--lr0", type=float, default=None, help="λ0 (default: each task's λ0 sweep)")
+    parser.add_argument("--prior", default="uniform", help="the untrained optimizer (a `--priors` name)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": machine(), "multiple": LONG_SWEEP, "sweep_seeds": LONG_SWEEP_SEEDS, "tasks": {}}
     for task in args.tasks.split(","):
-        lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers))
-        ratio, losses = per_seed_losses(task, lr0, args.seeds, args.workers)
+        lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers, priors=(args.prior,)))
+        ratio, losses = per_seed_losses(task, lr0, args.seeds, args.workers, args.prior)
         pairs = list(itertools.combinations(range(args.seeds), LONG_SWEEP_SEEDS))
         alphas = [replay(losses, pair, lr0, ratio) for pair in pairs]
         out["tasks"][task] = {
-            "lr0": lr0, "lrs": [lr0 / ratio**k for k in range(len(losses[0]))], "losses": losses,
+            "lr0": lr0, "prior": args.prior, "lrs": half_steps(lr0, ratio), "losses": losses,
             "mean": [statistics.mean(col) for col in zip(*losses, strict=True)],
             "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
             "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}

@@ -49,6 +49,9 @@ def train_rank(rank: int, world: int, tmp: str) -> None:
                 opt.step(loss=loss.detach())
             out.update({f"{average}.{n}": p.detach().clone() for n, p in ddp.module.named_parameters()})
         save_file(out, f"{tmp}/rank{rank}.safetensors")
+        # both ranks finish before either tears gloo down, so no teardown races the peer's last collective
+        # (suspected cause of a one-off SIGABRT of a rank in a loaded suite run; never reproduced alone)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

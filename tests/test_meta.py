@@ -25,7 +25,7 @@ from l3rs import L3RS, functional, mixer
 from l3rs.cli import main as cli_main
 from l3rs.finetune import finetune
 from l3rs.io import single_thread
-from l3rs.meta import MetaConfig, train, tune_lr0, unroll
+from l3rs.meta import MetaConfig, sweeps, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
 from l3rs.meta.sweeps import PRIOR_SEEDS, horizon_exponent_fit, lr0_sweep, sweep_seeds
 from l3rs.meta.train import initial_vector
@@ -316,18 +316,44 @@ def test_lr0_sweep_walks_from_the_middle_of_the_grid_until_the_best_is_bracketed
     assert sweep["lr0"] == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("steps_below, expected, points", [(1.3, 1.3, 3), (3.2, 3.2, 5),  # between grid points
-                                                           (0.0, 0.0, 3),  # λ0 stays best at 4x
-                                                           (6.0, 4.0, 5)])  # below the swept range: its edge
-def test_horizon_exponent_is_fitted_from_the_long_sweep(steps_below, expected, points):
+@pytest.mark.parametrize("steps_below, expected, swept", [
+    (1.3, 1.3, (0, 0.5, 1, 1.5, 2)),  # between grid points: the half steps either side of the best run too
+    (3.2, 3.2, (0, 1, 2, 2.5, 3, 3.5, 4)),  # after two steps down
+    (0.0, 0.0, (0, 1, 2)),  # λ0 stays best at 4x
+    (6.0, 4.0, (0, 1, 2, 3, 4))])  # below the swept range: its edge
+def test_horizon_exponent_is_fitted_from_the_long_sweep(steps_below, expected, swept):
     cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))  # grid ratio √10: the long sweep tries 0.01 ... 0.0001
     best_long = 0.01 / 10 ** (steps_below / 2)
     fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01,
                                _fake_run(lambda lr, n: math.exp(math.log10(lr / best_long) ** 2)))
     # three points, then one step down at a time while the lowest is best
-    assert fit["grid"] == pytest.approx([0.01 / 10 ** (k / 2) for k in range(points)])
+    assert fit["grid"] == pytest.approx([0.01 / 10 ** (k / 2) for k in swept])
     assert fit["horizon_exponent"] == pytest.approx(expected * 0.5 / math.log10(4))  # λ* = λ0 · 4^−α
-    assert fit["steps"] == points * 2 * 4 * H  # two seeds per point
+    assert fit["steps"] == len(swept) * 2 * 4 * H  # two seeds per point
+
+
+def test_half_steps_place_an_asymmetric_minimum_the_grid_steps_misplace():
+    # log(loss) rising 4x as steeply below its minimum (1.3 grid steps under λ0) as above it, like the text
+    # task's 4x losses (overfitting above, too slow below): the parabola through the best grid point and its
+    # neighbours puts the vertex at 0.96 steps; with the half steps either side it lands within a quarter step
+    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))  # grid ratio √10
+
+    def loss(lr: float, n: int) -> float:
+        below = 2 * math.log10(0.01 / lr) - 1.3
+        return math.exp((2.0 if below > 0 else 0.5) * below**2)
+
+    fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01, _fake_run(loss))
+    assert abs(fit["horizon_exponent"] * math.log10(4) / 0.5 - 1.3) < 0.25
+    coarse = sweeps._vertex([0.0, 1.0, 2.0], [loss(0.01 / 10 ** (k / 2), 1) for k in range(3)])
+    assert abs(coarse - 1.3) > 0.25  # the grid steps alone misplace it (so the check above can fail)
+
+
+def test_vertex_of_three_points_with_uneven_spacing():
+    # log(loss) = (x - 0.8)² sampled at uneven xs: the parabola through the lowest point and its neighbours
+    xs = [0.0, 0.5, 1.0, 2.0]
+    assert sweeps._vertex(xs, [math.exp((x - 0.8) ** 2) for x in xs]) == pytest.approx(0.8)
+    assert sweeps._vertex(xs, [1.0, 1.0, 1.0, 2.0]) in xs  # a tie: a swept point, not a division by zero
+    assert sweeps._vertex(xs, [3.0, 2.0, 1.0, math.inf]) == 1.0  # a diverged neighbour: the lowest point
 
 
 def test_one_seeds_spurious_gain_at_the_long_horizon_keeps_alpha_zero():
