@@ -352,7 +352,8 @@ def test_vertex_of_three_points_with_uneven_spacing():
     # log(loss) = (x - 0.8)² sampled at uneven xs: the parabola through the lowest point and its neighbours
     xs = [0.0, 0.5, 1.0, 2.0]
     assert sweeps._vertex(xs, [math.exp((x - 0.8) ** 2) for x in xs]) == pytest.approx(0.8)
-    assert sweeps._vertex(xs, [1.0, 1.0, 1.0, 2.0]) in xs  # a tie: a swept point, not a division by zero
+    assert sweeps._vertex(xs, [2.0, 1.0, 1.0, 2.0]) == pytest.approx(0.75)  # a tie: the vertex between the two
+    assert sweeps._vertex(xs, [1.0, 2.0, 3.0, 4.0]) == 0.0  # lowest at an edge: that point
     assert sweeps._vertex(xs, [3.0, 2.0, 1.0, math.inf]) == 1.0  # a diverged neighbour: the lowest point
 
 

@@ -175,14 +175,12 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
 
 def _vertex(xs: list[float], losses: list[float]) -> float:
     """x of the lowest loss, moved to the vertex of the parabola through log(loss) there and at its two neighbours
-    (xs ascending) when those three are finite and not all equal: the vertex then lies between the neighbours."""
+    (xs ascending) when those three are finite: the vertex then lies between the neighbours."""
     best = _argmin(losses)
     if not 0 < best < len(xs) - 1 or not all(map(math.isfinite, losses[best - 1:best + 2])):
         return xs[best]
     (x0, x1, x2), (y0, y1, y2) = xs[best - 1:best + 2], [math.log(max(v, 1e-12)) for v in losses[best - 1:best + 2]]
-    denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)  # < 0 unless the three tie (x1 is the lowest)
-    if denominator == 0:
-        return x1
+    denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)  # < 0: x1 is the first lowest, so y0 > y1 <= y2
     return x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
 
 
