@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="cnn04-mnist59,mnistcnn-digits,minilm-chatterbot,mlp-mnist1d-shift")
     parser.add_argument("--seeds", type=int, default=6, help="training seeds per point (the sweep uses the first)")
     parser.add_argument("--lr0", type=float, default=None, help="λ0 (default: each task's λ0 sweep)")
-    parser.add_argument("--prior", default="uniform", help="the untrained optimizer (a `--priors` name)")
+    parser.add_argument("--prior", default="uniform",
+                        help="the untrained optimizer's mix: uniform or a base's name (no +warmup)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": machine(), "multiple": LONG_SWEEP, "sweep_seeds": LONG_SWEEP_SEEDS, "tasks": {}}
