@@ -569,6 +569,9 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
     assert info["seconds_by_phase"]["sweeps"] > 0 and info["seconds_by_phase"]["validation"] == 0
     assert info["iteration"] == info["best_iteration"] == 0 and info["validation"] is None
     assert info["lr"] == info["lr0_sweep"]["lr0"] and info["horizon_sweep"] is not None  # both sweeps ran
+    long = info["horizon_sweep"]
+    assert f"α sweep at 4x the horizon (mean of 2 training seeds): λ {long['grid'][0]:.3g} " in printed
+    assert f"; α {long['horizon_exponent']:.2f}\n" in printed
     config = functional.Config.from_dict(info["config"])
     assert torch.equal(meta_vector(out / "best"), initial_vector(config, 0, len(info["tensor_names"]), info["prior"]))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

@@ -160,7 +160,7 @@ def _by_seed(values: list[list[float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l3rs.meta.sweeps import prior_wins_needed
+    from l3rs.meta.sweeps import LONG_SWEEP_SEEDS, prior_wins_needed
     from l3rs.meta.train import train
     from l3rs.tasks import resolve
 
@@ -190,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"priors (mean of {seeds} training seeds at each one's λ0): " + ", ".join(
                 f"{name} {s['mean']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
                   + f"; kept {info['prior']} ({why})")
+        long = info["horizon_sweep"]
+        if long:  # why α is what it is: the untrained optimizer's long-run losses over λ
+            print(f"α sweep at {long['multiple']:g}x the horizon (mean of {LONG_SWEEP_SEEDS} training seeds): "
+                  + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(long["grid"], long["val_loss"], strict=True))
+                  + f"; α {long['horizon_exponent']:.2f}")
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
