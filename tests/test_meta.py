@@ -354,6 +354,7 @@ def test_vertex_of_three_points_with_uneven_spacing():
     assert sweeps._vertex(xs, [math.exp((x - 0.8) ** 2) for x in xs]) == pytest.approx(0.8)
     assert sweeps._vertex(xs, [2.0, 1.0, 1.0, 2.0]) == pytest.approx(0.75)  # a tie: the vertex between the two
     assert sweeps._vertex(xs, [1.0, 2.0, 3.0, 4.0]) == 0.0  # lowest at an edge: that point
+    assert sweeps._vertex(xs, [1e-13, 1e-14, 1e-14, 1.0]) == 0.5  # equal under the log's clamp: no division by 0
     assert sweeps._vertex(xs, [3.0, 2.0, 1.0, math.inf]) == 1.0  # a diverged neighbour: the lowest point
 
 

@@ -181,6 +181,8 @@ def _vertex(xs: list[float], losses: list[float]) -> float:
         return xs[best]
     (x0, x1, x2), (y0, y1, y2) = xs[best - 1:best + 2], [math.log(max(v, 1e-12)) for v in losses[best - 1:best + 2]]
     denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)  # < 0: x1 is the first lowest, so y0 > y1 <= y2
+    if denominator >= 0:  # only losses under the 1e-12 clamp can tie there
+        return x1
     return x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
 
 
