@@ -332,6 +332,25 @@ def test_horizon_exponent_is_fitted_from_the_long_sweep(steps_below, expected, s
     assert fit["steps"] == len(swept) * 2 * 4 * H  # two seeds per point
 
 
+@pytest.mark.parametrize("room_points, swept", [
+    (0, (0, 1, 2)),  # no room past the first points: their edge
+    (1, (0, 1, 2, 3, 4)),  # room for one point at a time: the steps down, not the two half steps
+    (2, (0, 1, 2, 2.5, 3, 3.5, 4))])  # room for both
+def test_the_alpha_sweeps_extensions_run_only_with_room_in_the_budget(room_points, swept):
+    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))
+    asked = []
+
+    def room(steps: int) -> bool:
+        asked.append(steps)
+        return steps <= room_points * 2 * 4 * H  # two seeds of 4x runs per point
+
+    fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01,
+                               _fake_run(lambda lr, n: math.exp(math.log10(lr / (0.01 / 10**1.6)) ** 2)), room=room)
+    assert fit["grid"] == pytest.approx([0.01 / 10 ** (k / 2) for k in swept])
+    assert fit["cut"] is (room_points < 2) and fit["steps"] == len(swept) * 2 * 4 * H
+    assert asked and set(asked) <= {2 * 4 * H, 2 * 2 * 4 * H}
+
+
 def test_half_steps_place_an_asymmetric_minimum_the_grid_steps_misplace():
     # log(loss) rising 4x as steeply below its minimum (1.3 grid steps under λ0) as above it, like the text
     # task's 4x losses (overfitting above, too slow below): the parabola through the best grid point and its
@@ -385,11 +404,22 @@ def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
     assert functional.horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
 
 
+def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation():
+    """0.1 s per step (the λ0 sweep's pace), 10 s spent, a 1-minute budget: α-sweep steps fit while 10 s + their
+    time stays within 80% of it (48 s), however long the first validation would take."""
+    module = sys.modules["l3rs.meta.train"]
+    cfg = small(budget_minutes=1.0, validation_seeds=50)
+    run = types.SimpleNamespace(agree=lambda x: x)
+    room = module._alpha_room(cfg, H, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0)
+    assert room(370) and not room(390)
+    assert module._alpha_room(cfg, H, None, run, 0.0)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
+
+
 def test_a_budget_without_room_for_the_alpha_sweep_or_validation_ships_the_untrained_optimizer(tmp_path):
     cfg = small(iterations=5, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
     info = json.loads((train(stiff_task(), tmp_path, cfg, progress=False) / "optimizer.json").read_text())
     assert info["lr0_sweep"] is not None and info["horizon_sweep"] is None
-    assert info["config"]["horizon_exponent"] == 0.0
+    assert info["config"]["horizon_exponent"] == sweeps.UNSWEPT_HORIZON_EXPONENT > 0  # no sweep: the 1/√T prior
     # no room for a first and a final validation: no meta-training at all, the swept λ0 ships untrained
     assert info["validation"] is None and info["untrained_validation"] is None and info["iteration"] == 0
     assert info["lr"] == info["lr0_sweep"]["lr0"]

@@ -194,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
         if long:  # why α is what it is: the untrained optimizer's long-run losses over λ
             print(f"α sweep at {long['multiple']:g}x the horizon (mean of {LONG_SWEEP_SEEDS} training seeds): "
                   + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(long["grid"], long["val_loss"], strict=True))
-                  + f"; α {long['horizon_exponent']:.2f}")
+                  + f"; α {long['horizon_exponent']:.2f}"
+                  + (" (the budget left no room for more points)" if long.get("cut") else ""))
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
