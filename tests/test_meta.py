@@ -410,9 +410,9 @@ def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation
     module = sys.modules["l3rs.meta.train"]
     cfg = small(budget_minutes=1.0, validation_seeds=50)
     run = types.SimpleNamespace(agree=lambda x: x)
-    room = module._alpha_room(cfg, H, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0)
+    room = module._alpha_room(cfg, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0)
     assert room(370) and not room(390)
-    assert module._alpha_room(cfg, H, None, run, 0.0)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
+    assert module._alpha_room(cfg, None, run, 0.0)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
 
 
 def test_a_budget_without_room_for_the_alpha_sweep_or_validation_ships_the_untrained_optimizer(tmp_path):

@@ -42,8 +42,8 @@ LONG_SWEEP_MARGIN = 0.2
 # α when the budget has no room for the long sweep: a constant step ∝ 1/√T is the best one for T steps of SGD on
 # convex Lipschitz losses, a middle between keeping λ0 (α = 0) and the fitted 1.0-1.3 of the text task and the
 # MLP. Measured on the four tasks' untrained optimizers (10 held-out seeds, `docs/RESULTS.md` session 28), α = 0
-# there ended up to 1.30x (text) and 1.77x (MLP) the best tuned baseline's loss at 5x, α = 0.5 up to 1.21x; it
-# cost the image tasks, where the sweep fits α = 0, 5-27% of their loss at 2x and 5x, both still ties or better.
+# there ended up to 1.30x (text) and 1.77x (MLP) the best tuned baseline's loss at 5x, α = 0.5 up to 1.21x; on
+# the image tasks, where the sweep fits α = 0, it cost digits 26% at 2x (a tie instead of better), nothing else.
 UNSWEPT_HORIZON_EXPONENT = 0.5
 # The prior choice compares each prior's best λ0 on PRIOR_SEEDS training seeds (the sweep's and more): a later
 # prior replaces the first only if its mean is lower and it is lower on at least PRIOR_WIN_SHARE of the seeds.

@@ -127,8 +127,7 @@ def _fits(cfg: MetaConfig, sweep: dict[str, Any] | None, steps: float, spent: fl
     return run.agree(spent) + pace * steps <= share * 60 * cfg.budget_minutes
 
 
-def _alpha_room(cfg: MetaConfig, horizon: int, sweep: dict[str, Any] | None, run: Any,
-                start: float) -> Callable[[int], bool]:
+def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: float) -> Callable[[int], bool]:
     """Whether so many more α-sweep steps fit 80% of the budget (the α sweep's first points, then each step down
     and the half steps, ask it in turn). It goes before meta-training's first validation: at 5x, the text task's
     untrained optimizer ended at 1.30x the best tuned baseline's loss with α = 0 and 0.99x with its fitted α
@@ -143,7 +142,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     sweep = None if cfg.lr0 is not None else sweeps.prior_sweep(cfg, horizon, vectors, run)
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
-    fit, room = None, _alpha_room(cfg, horizon, sweep, run, start)
+    fit, room = None, _alpha_room(cfg, sweep, run, start)
     if cfg.horizon_exponent is None and room(sweeps.long_sweep_steps(horizon)):
         fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room)
     exponent = (fit["horizon_exponent"] if fit else
