@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalization import previous_evaluation, rows_of  # noqa: E402
+from generalization import finish, previous_evaluation, rows_of  # noqa: E402
 
 from l3rs.evaluate import evaluate  # noqa: E402
 from l3rs.evaluate.command import parse_shifts  # noqa: E402
@@ -123,9 +123,7 @@ def main() -> None:
             "validation_score": info["validation_score"], "meta_train_seconds": info["meta_train_seconds"],
             "rows": rows_of(evaluation)}
         save_json(report, Path(args.out) / f"ablations-{args.task}.json")  # partial results survive a failure
-    report["seconds"] = time.perf_counter() - start
-    save_json(report, Path(args.out) / f"ablations-{args.task}.json")
-    print(json.dumps(report, indent=1))
+    finish(report, Path(args.out) / f"ablations-{args.task}.json", start)
 
 
 if __name__ == "__main__":

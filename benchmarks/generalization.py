@@ -107,6 +107,13 @@ def rows_of(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def finish(report: dict[str, Any], path: Path, start: float) -> None:
+    """Add the seconds since `start` to `report`, write it to `path` and print it (stdout carries the JSON)."""
+    report["seconds"] = time.perf_counter() - start
+    save_json(report, path)
+    print(json.dumps(report, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
@@ -139,9 +146,7 @@ def main() -> None:
                                  "best_iteration": info["best_iteration"], "rows": rows_of(evaluation),
                                  "lambda_shape": lambda_shape(best, tasks.get(name))}
         save_json(report, out / "generalization.json")  # partial results survive a later failure
-    report["seconds"] = time.perf_counter() - start
-    save_json(report, out / "generalization.json")
-    print(json.dumps(report, indent=1))
+    finish(report, out / "generalization.json", start)
 
 
 if __name__ == "__main__":

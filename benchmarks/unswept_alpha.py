@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalization import DEFAULT_BASELINES, previous_evaluation, rows_of  # noqa: E402
+from generalization import DEFAULT_BASELINES, finish, previous_evaluation, rows_of  # noqa: E402
 
 from l3rs.evaluate import evaluate  # noqa: E402
 from l3rs.evaluate.stats import interval, resample  # noqa: E402
@@ -90,9 +90,7 @@ def main() -> None:
             "vs_first": {f"alpha-{a:g}": {label: paired(v, reference[label]) for label, v in losses[a].items()}
                          for a in exponents[1:]}}
         save_json(report, out / "unswept-alpha.json")  # partial results survive a later failure
-    report["seconds"] = time.perf_counter() - start
-    save_json(report, out / "unswept-alpha.json")
-    print(json.dumps(report, indent=1))
+    finish(report, out / "unswept-alpha.json", start)
 
 
 if __name__ == "__main__":

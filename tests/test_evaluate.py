@@ -549,6 +549,17 @@ def test_generalization_reuses_a_previous_runs_evaluation_if_there(monkeypatch, 
     assert previous(str(tmp_path / "docs"), "tiny") == copy
 
 
+def test_unswept_alpha_pairs_each_alphas_final_losses_by_seed(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    module = importlib.import_module("benchmarks.unswept_alpha")
+    runs = [{"seed": 1001, "val_loss": [9.0, 3.0]}, {"seed": 1000, "val_loss": [9.0, 1.0]}]
+    finals = module.finals({"scenarios": [{"label": "t x2", "methods": {"l3rs": {"runs": runs}}}]})
+    assert finals["t x2"].tolist() == [1.0, 3.0]  # the last point, in seed order
+    paired = module.paired(finals["t x2"], np.array([2.0, 2.0]))
+    assert paired["ratio"] == 1.0 and paired["lower_on"] == 1 and paired["seeds"] == 2
+    assert paired["ratio_ci95"][0] == 0.5 and paired["ratio_ci95"][1] == 1.5  # both seeds drawn twice, each way
+
+
 def test_generalization_rows_list_every_methods_speedup(monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     rows_of = importlib.import_module("benchmarks.generalization").rows_of
