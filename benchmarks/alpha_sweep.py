@@ -8,7 +8,10 @@ margin and its half steps on the stored losses, so the spread of α over pairs i
 run meets.
 
     python benchmarks/alpha_sweep.py [--tasks minilm-chatterbot] [--prior adam] [--seeds 6] [--lr0 3e-4]
-        [--workers 2] > out.json
+        [--margins 0.1,0.2] [--workers 2] > out.json
+
+`--margins` replays the pairs with other margins too (how much lower than λ0's the best 4x loss must be for
+α > 0; the library's is LONG_SWEEP_MARGIN): how often each one fits α > 0 on the same losses.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ import json
 import math
 import statistics
 from typing import Any
+from unittest import mock
 
 import torch
 
 from l3rs import tasks
 from l3rs.io import machine
+from l3rs.meta import sweeps
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner
 from l3rs.meta.sweeps import (
     LONG_SWEEP,
+    LONG_SWEEP_MARGIN,
     LONG_SWEEP_POINTS,
     LONG_SWEEP_SEEDS,
     grid_ratio,
@@ -85,6 +91,8 @@ def main() -> None:
     parser.add_argument("--lr0", type=float, default=None, help="λ0 (default: each task's λ0 sweep)")
     parser.add_argument("--prior", default="uniform",
                         help="the untrained optimizer's mix: uniform or a base's name (no +warmup)")
+    parser.add_argument("--margins", default=str(LONG_SWEEP_MARGIN),
+                        help="comma-separated margins to replay the pairs with (default: the library's)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     out: dict[str, Any] = {"machine": machine(), "multiple": LONG_SWEEP, "sweep_seeds": LONG_SWEEP_SEEDS, "tasks": {}}
@@ -92,12 +100,17 @@ def main() -> None:
         lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers, priors=(args.prior,)))
         ratio, losses = per_seed_losses(task, lr0, args.seeds, args.workers, args.prior)
         pairs = list(itertools.combinations(range(args.seeds), LONG_SWEEP_SEEDS))
-        alphas = [replay(losses, pair, lr0, ratio) for pair in pairs]
+        by_margin = {}
+        for margin in sorted({LONG_SWEEP_MARGIN, *map(float, args.margins.split(","))}):
+            with mock.patch.object(sweeps, "LONG_SWEEP_MARGIN", margin):
+                alphas = [replay(losses, pair, lr0, ratio) for pair in pairs]
+            by_margin[f"{margin:g}"] = {
+                "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
+                "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
         out["tasks"][task] = {
             "lr0": lr0, "prior": args.prior, "lrs": half_steps(lr0, ratio), "losses": losses,
             "mean": [statistics.mean(col) for col in zip(*losses, strict=True)],
-            "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
-            "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
+            **by_margin[f"{LONG_SWEEP_MARGIN:g}"], "by_margin": by_margin}
     print(json.dumps(out, indent=1))
 
 
