@@ -39,7 +39,7 @@ class MetaConfig:
         grid past an edge it picks.
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
         None fits it from a second sweep of the untrained optimizer at 4x the horizon (it replaces
-        config.horizon_exponent).
+        config.horizon_exponent; 0.5 when the budget has no room for that sweep).
     priors: the untrained optimizers meta-training may start from, first the default: "uniform" (every base
         alike) or a base's name (a mix leaning on it, `Config.init_meta`), either with "+warmup" (the backbone
         warm-up `config.backbone_warmup` on) or without (off). The λ0 sweep runs each; a later one replaces the
