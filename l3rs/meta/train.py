@@ -132,7 +132,7 @@ def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: 
     and the half steps, ask it in turn). It goes before meta-training's first validation: at 5x, the text task's
     untrained optimizer ended at 1.30x the best tuned baseline's loss with α = 0 and 0.99x with its fitted α
     (`docs/RESULTS.md`, sessions 27-28)."""
-    return lambda steps: sweep is None or _fits(cfg, sweep, steps, time.perf_counter() - start, run, 0.8)
+    return lambda steps: _fits(cfg, sweep, steps, time.perf_counter() - start, run, 0.8)
 
 
 def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any) -> TrainState:
