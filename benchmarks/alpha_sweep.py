@@ -1,5 +1,6 @@
-"""How reliable is the α sweep? Per-seed validation losses of the untrained L3RS at 4x a task's horizon over the
-long sweep's points and half steps (λ0 / ratio^(k/2)), on more training seeds than meta-training uses; then what
+"""How reliable is the α sweep? Per-seed validation losses of the untrained L3RS at 4x (`--multiple`) a task's
+horizon over the sweep's points and half steps (λ0 / step^(k/2), `sweeps.sweep_step`: the grid's ratio at 4x, its
+square root at 2x), on more training seeds than meta-training uses; then what
 `l3rs.meta.sweeps.horizon_exponent_fit` (the library's own code) fits from every pair of them. Prints JSON.
 
 λ0 is the task's swept one for `--prior` (`--lr0` skips that sweep; give the prior the task's meta-training
@@ -8,10 +9,11 @@ margin and its half steps on the stored losses, so the spread of α over pairs i
 run meets.
 
     python benchmarks/alpha_sweep.py [--tasks minilm-chatterbot] [--prior adam] [--seeds 6] [--lr0 3e-4]
-        [--margins 0.1,0.2] [--workers 2] > out.json
+        [--multiple 2] [--margins 0.1,0.2] [--workers 2] > out.json
 
-`--margins` replays the pairs with other margins too (how much lower than λ0's the best 4x loss must be for
-α > 0; the library's is LONG_SWEEP_MARGIN): how often each one fits α > 0 on the same losses.
+`--margins` replays the pairs with other margins too (how much lower than λ0's the best long loss must be for
+α > 0; the library's is LONG_SWEEP_MARGIN at 4x, SHORT_SWEEP_MARGIN at 2x): how often each one fits α > 0 on the
+same losses.
 """
 
 from __future__ import annotations
@@ -22,13 +24,11 @@ import json
 import math
 import statistics
 from typing import Any
-from unittest import mock
 
 import torch
 
 from l3rs import tasks
 from l3rs.io import machine
-from l3rs.meta import sweeps
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner
 from l3rs.meta.sweeps import (
@@ -36,29 +36,32 @@ from l3rs.meta.sweeps import (
     LONG_SWEEP_MARGIN,
     LONG_SWEEP_POINTS,
     LONG_SWEEP_SEEDS,
+    SHORT_SWEEP_MARGIN,
     grid_ratio,
     horizon_exponent_fit,
     sweep_seeds,
+    sweep_step,
 )
 from l3rs.meta.train import initial_vector, optimizer_config, tune_lr0
 from l3rs.meta.unroll import Job, Result, Worker
 
 
-def half_steps(lr0: float, ratio: float) -> list[float]:
-    """Every λ the long sweep can run: the grid steps down from λ0 and the half steps between them."""
-    return [lr0 / ratio ** (k / 2) for k in range(2 * LONG_SWEEP_POINTS - 1)]
+def half_steps(lr0: float, step: float) -> list[float]:
+    """Every λ the α sweep can run: its steps down from λ0 and the half steps between them."""
+    return [lr0 / step ** (k / 2) for k in range(2 * LONG_SWEEP_POINTS - 1)]
 
 
-def per_seed_losses(task: str, lr0: float, seeds: int, workers: int, prior: str) -> tuple[float, list[list[float]]]:
-    """(grid ratio, losses[seed][k]) of the untrained L3RS at λ0 / ratio^(k/2), k < 2 LONG_SWEEP_POINTS − 1,
-    at 4x."""
+def per_seed_losses(task: str, lr0: float, seeds: int, workers: int, prior: str,
+                    multiple: float) -> tuple[float, list[list[float]]]:
+    """(the sweep's step, losses[seed][k]) of the untrained L3RS at λ0 / step^(k/2), k < 2 LONG_SWEEP_POINTS − 1,
+    at `multiple` x the horizon."""
     cfg = MetaConfig(workers=workers)
     family = tasks.family(task)
     horizon = family.base.horizon
     config = optimizer_config(cfg, horizon)
-    ratio = grid_ratio(cfg.lr0_grid)
-    lrs = half_steps(lr0, ratio)
-    steps = round(LONG_SWEEP * horizon)
+    step = sweep_step(grid_ratio(cfg.lr0_grid), multiple)
+    lrs = half_steps(lr0, step)
+    steps = round(multiple * horizon)
     run_seeds = sweep_seeds(cfg, seeds)
     runner = Runner(Worker(family, config, cfg.first_order, cfg.val_subset, None), workers)
     try:
@@ -67,21 +70,24 @@ def per_seed_losses(task: str, lr0: float, seeds: int, workers: int, prior: str)
         results = runner([Job(None, r, vector, lr, steps, steps, "val_loss") for r in run_seeds for lr in lrs])
     finally:
         runner.close()
-    return ratio, [[results[i * len(lrs) + k].objective for k in range(len(lrs))] for i in range(seeds)]
+    return step, [[results[i * len(lrs) + k].objective for k in range(len(lrs))] for i in range(seeds)]
 
 
-def replay(losses: list[list[float]], seeds: tuple[int, ...], lr0: float, ratio: float) -> float:
-    """The α `horizon_exponent_fit` fits when its training seeds are `seeds` of the table."""
+def replay(losses: list[list[float]], seeds: tuple[int, ...], lr0: float, step: float, multiple: float,
+           margin: float) -> float:
+    """The α `horizon_exponent_fit` fits at `multiple` x with `margin` when its training seeds are `seeds` of the
+    table."""
     cfg = MetaConfig()
     run_seeds = sweep_seeds(cfg, LONG_SWEEP_SEEDS)
 
     def run(jobs: list[Job]) -> list[Result]:
         def loss(job: Job) -> float:
-            k = round(2 * math.log(lr0 / job.lr0) / math.log(ratio))
+            k = round(2 * math.log(lr0 / job.lr0) / math.log(step))
             return losses[seeds[run_seeds.index(job.run_seed)]][k]
         return [Result(loss(j), 0.0, None, None, j.steps) for j in jobs]
 
-    return horizon_exponent_fit(cfg, 1, torch.zeros(1), lr0, run)["horizon_exponent"]
+    return horizon_exponent_fit(cfg, 1, torch.zeros(1), lr0, run, multiple=multiple,
+                                margin=margin)["horizon_exponent"]
 
 
 def main() -> None:
@@ -91,26 +97,28 @@ def main() -> None:
     parser.add_argument("--lr0", type=float, default=None, help="λ0 (default: each task's λ0 sweep)")
     parser.add_argument("--prior", default="uniform",
                         help="the untrained optimizer's mix: uniform or a base's name (no +warmup)")
-    parser.add_argument("--margins", default=str(LONG_SWEEP_MARGIN),
-                        help="comma-separated margins to replay the pairs with (default: the library's)")
+    parser.add_argument("--multiple", type=float, default=LONG_SWEEP, help="of the horizon (default 4)")
+    parser.add_argument("--margins", default="",
+                        help="comma-separated margins to replay the pairs with besides the library's")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    out: dict[str, Any] = {"machine": machine(), "multiple": LONG_SWEEP, "sweep_seeds": LONG_SWEEP_SEEDS, "tasks": {}}
+    margin = LONG_SWEEP_MARGIN if args.multiple == LONG_SWEEP else SHORT_SWEEP_MARGIN
+    out: dict[str, Any] = {"machine": machine(), "multiple": args.multiple, "sweep_seeds": LONG_SWEEP_SEEDS,
+                           "margin": margin, "tasks": {}}
     for task in args.tasks.split(","):
         lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers, priors=(args.prior,)))
-        ratio, losses = per_seed_losses(task, lr0, args.seeds, args.workers, args.prior)
+        step, losses = per_seed_losses(task, lr0, args.seeds, args.workers, args.prior, args.multiple)
         pairs = list(itertools.combinations(range(args.seeds), LONG_SWEEP_SEEDS))
         by_margin = {}
-        for margin in sorted({LONG_SWEEP_MARGIN, *map(float, args.margins.split(","))}):
-            with mock.patch.object(sweeps, "LONG_SWEEP_MARGIN", margin):
-                alphas = [replay(losses, pair, lr0, ratio) for pair in pairs]
-            by_margin[f"{margin:g}"] = {
+        for other in sorted({margin, *(float(m) for m in args.margins.split(",") if m)}):
+            alphas = [replay(losses, pair, lr0, step, args.multiple, other) for pair in pairs]
+            by_margin[f"{other:g}"] = {
                 "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
                 "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
         out["tasks"][task] = {
-            "lr0": lr0, "prior": args.prior, "lrs": half_steps(lr0, ratio), "losses": losses,
+            "lr0": lr0, "prior": args.prior, "lrs": half_steps(lr0, step), "losses": losses,
             "mean": [statistics.mean(col) for col in zip(*losses, strict=True)],
-            **by_margin[f"{LONG_SWEEP_MARGIN:g}"], "by_margin": by_margin}
+            **by_margin[f"{margin:g}"], "by_margin": by_margin}
     print(json.dumps(out, indent=1))
 
 

@@ -332,6 +332,26 @@ def test_horizon_exponent_is_fitted_from_the_long_sweep(steps_below, expected, s
     assert fit["steps"] == len(swept) * 2 * 4 * H  # two seeds per point
 
 
+@pytest.mark.parametrize("exponent", [0.0, 0.6, 1.3])
+def test_the_short_alpha_sweep_fits_the_same_exponent_at_2x_with_half_the_steps(exponent):
+    """At 2x its steps are √ratio (each point stands for the α it does at 4x), and λ* = λ0 · 2^−α."""
+    cfg = small(lr0=0.01, lr0_grid=(1e-3, 10**-2.5))  # grid ratio √10: steps of 10^0.25 at 2x
+    best = {m: 0.01 * m**-exponent for m in (2, 4)}
+
+    def run_at(multiple):
+        return _fake_run(lambda lr, n: math.exp(math.log10(lr / best[multiple]) ** 2 * 4 / math.log10(multiple) ** 2))
+
+    short = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01, run_at(2), multiple=2.0, margin=0.0)
+    long = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01, run_at(4), margin=0.0)
+    eighths = [8 * math.log10(0.01 / lr) for lr in short["grid"]]  # half steps of 10^0.25 at most
+    assert short["multiple"] == 2 and {0, 2, 4} <= set(map(round, eighths))
+    assert eighths == pytest.approx([round(k) for k in eighths]) and max(eighths) <= 16
+    assert short["horizon_exponent"] == pytest.approx(exponent, abs=0.15)
+    assert short["horizon_exponent"] == pytest.approx(long["horizon_exponent"], abs=0.15)
+    assert short["steps"] * 2 == long["steps"] == len(long["grid"]) * 2 * 4 * H
+    assert sweeps.long_sweep_steps(H, 2.0) * 2 == sweeps.long_sweep_steps(H) == 3 * 2 * 4 * H
+
+
 @pytest.mark.parametrize("room_points, swept", [
     (0, (0, 1, 2)),  # no room past the first points: their edge
     (1, (0, 1, 2, 3, 4)),  # room for one point at a time: the steps down, not the two half steps
@@ -413,6 +433,24 @@ def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation
     room = module._alpha_room(cfg, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0)
     assert room(370) and not room(390)
     assert module._alpha_room(cfg, None, run, 0.0)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
+
+
+def test_a_budget_with_room_for_the_alpha_sweep_at_2x_only_fits_alpha_there(tmp_path, monkeypatch):
+    module = sys.modules["l3rs.meta.train"]
+    asked = []
+
+    def room(cfg, sweep, run, start):
+        def fits(steps: int) -> bool:
+            asked.append(steps)
+            return steps <= sweeps.long_sweep_steps(H, sweeps.SHORT_SWEEP)
+        return fits
+
+    monkeypatch.setattr(module, "_alpha_room", room)
+    info = json.loads((train(stiff_task(), tmp_path, small(iterations=0, lr0=None, lr0_grid=(0.01, 0.03)),
+                             progress=False) / "optimizer.json").read_text())
+    assert asked[:2] == [sweeps.long_sweep_steps(H), sweeps.long_sweep_steps(H, 2.0)]
+    assert info["horizon_sweep"]["multiple"] == sweeps.SHORT_SWEEP
+    assert info["config"]["horizon_exponent"] == info["horizon_sweep"]["horizon_exponent"]
 
 
 def test_a_budget_without_room_for_the_alpha_sweep_or_validation_ships_the_untrained_optimizer(tmp_path):

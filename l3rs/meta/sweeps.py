@@ -27,6 +27,17 @@ GRID_EXTENSIONS = 2
 # in λ (every sweep stored so far), without the runs far from the best (on digits 3 points of 6)
 LR0_START_POINTS = 3
 LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (the longest validation horizon)
+# When the budget has no room for its first points, the α sweep runs at SHORT_SWEEP x the horizon (half the cost:
+# at the default 5 minutes, tasks whose runs of their horizon take up to ~7.5 s instead of ~5.5 s) with steps of
+# ratio^(log SHORT_SWEEP / log LONG_SWEEP) = √ratio, so each point stands for the same α as at 4x. Its gains are
+# smaller: replayed on every pair of 6 training seeds, the text task's and the MLP's best 2x losses are 12% below
+# λ0's (α 0.88-0.96 and 1.38-1.49 on every pair, 0.99-1.04 and 1.23-1.31 at 4x; a 15% margin keeps neither), and
+# at 10% digits fits α 0.62 on 1 pair of 15, cnn04 1.4-1.6 on 5 (λ0 / 3 is 5% better than λ0 at 2x on its
+# 6-seed mean, where λ0 is best at 4x). On held-out seeds (`docs/RESULTS.md` session 29) those α took the text
+# task at 5x from 1.15x the best tuned baseline's loss (α = 0.5, what ships without a sweep) to 0.998x, the MLP
+# from 1.21x to 1.008x; cnn04's spurious α = 1.5 cost it 17% at 5x (a tie with the baseline instead of better).
+SHORT_SWEEP = 2.0
+SHORT_SWEEP_MARGIN = 0.1
 # The long sweep runs λ0 and the grid steps below it on LONG_SWEEP_SEEDS seeds: LONG_SWEEP_START points, then one
 # more step down while the lowest is best, up to LONG_SWEEP_POINTS (~λ0/100: on cnn04 the best step at 5x was
 # ~75x below the best at 1x).
@@ -39,7 +50,7 @@ LONG_SWEEP_POINTS = 5
 # task's α (0.71-0.75; its gain is 24% on every seed) and the MLP's (1.23-1.31): `docs/RESULTS.md` session 18.
 LONG_SWEEP_SEEDS = 2
 LONG_SWEEP_MARGIN = 0.2
-# α when the budget has no room for the long sweep: a constant step ∝ 1/√T is the best one for T steps of SGD on
+# α when the budget has no room for either sweep: a constant step ∝ 1/√T is the best one for T steps of SGD on
 # convex Lipschitz losses, a middle between keeping λ0 (α = 0) and the fitted 1.0-1.3 of the text task and the
 # MLP. Measured on the four tasks' untrained optimizers (10 held-out seeds, `docs/RESULTS.md` session 28), α = 0
 # there ended up to 1.30x (text) and 1.77x (MLP) the best tuned baseline's loss at 5x, α = 0.5 up to 1.21x; on
@@ -84,10 +95,16 @@ def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float],
     return mean_objectives(results, count), grouped_objectives(results, count), sum(r.steps for r in results)
 
 
-def long_sweep_steps(horizon: int) -> int:
-    """The fine-tuning steps `horizon_exponent_fit` spends before any step down or half step (a budget plans
-    for these; its `room` decides on the rest)."""
-    return LONG_SWEEP_START * LONG_SWEEP_SEEDS * max(1, round(LONG_SWEEP * horizon))
+def long_sweep_steps(horizon: int, multiple: float = LONG_SWEEP) -> int:
+    """The fine-tuning steps `horizon_exponent_fit` at `multiple` x the horizon spends before any step down or half
+    step (a budget plans for these; its `room` decides on the rest)."""
+    return LONG_SWEEP_START * LONG_SWEEP_SEEDS * max(1, round(multiple * horizon))
+
+
+def sweep_step(ratio: float, multiple: float) -> float:
+    """The α sweep's step between points at `multiple` x the horizon: the grid's `ratio` at LONG_SWEEP, so that
+    the k-th point down stands for α = k · log(ratio) / log(LONG_SWEEP) at every multiple."""
+    return ratio ** (math.log(multiple) / math.log(LONG_SWEEP))
 
 
 def _argmin(values: list[float]) -> int:
@@ -194,21 +211,24 @@ def _vertex(xs: list[float], losses: list[float]) -> float:
 
 
 def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
-                         warmup: float = 0.0, room: Callable[[int], bool] | None = None) -> dict[str, Any]:
-    """α from the untrained L3RS's best λ at LONG_SWEEP x the horizon, λ* = λ0 · LONG_SWEEP^−α.
+                         warmup: float = 0.0, room: Callable[[int], bool] | None = None,
+                         multiple: float = LONG_SWEEP, margin: float | None = None) -> dict[str, Any]:
+    """α from the untrained L3RS's best λ at `multiple` x the horizon, λ* = λ0 · multiple^−α.
 
-    λ0 and the grid steps below it run at the long horizon on LONG_SWEEP_SEEDS seeds, LONG_SWEEP_START of them
-    and one more while the lowest is best (up to LONG_SWEEP_POINTS). α = 0 unless the best beats λ0 by
-    LONG_SWEEP_MARGIN. Otherwise, when the best is inside the swept range, the half steps either side of it
-    run too, and λ* is the vertex of the parabola through log(mean loss) over log(λ) at the lowest of all
+    λ0 and the steps below it (`sweep_step`: the grid's ratio at LONG_SWEEP) run at that horizon on
+    LONG_SWEEP_SEEDS seeds, LONG_SWEEP_START of them and one more while the lowest is best (up to
+    LONG_SWEEP_POINTS). α = 0 unless the best beats λ0 by `margin` (default LONG_SWEEP_MARGIN at LONG_SWEEP,
+    SHORT_SWEEP_MARGIN otherwise). Otherwise, when the best is inside the swept range, the half steps either side
+    of it run too, and λ* is the vertex of the parabola through log(mean loss) over log(λ) at the lowest of all
     points and its two neighbours (the edge when the best is the last step down): α is continuous in
     [0, (points − 1) · log(ratio) / log(LONG_SWEEP)], ratio the grid's mean step. `room(steps)` says whether
     that many more fine-tuning steps fit the budget: a step down or the half steps run only if they do
     ("cut" in the result says one was left out)."""
     start = time.perf_counter()
-    ratio = grid_ratio(cfg.lr0_grid)
-    lrs = [lr0 / ratio**k for k in range(LONG_SWEEP_START)]
-    steps = max(1, round(LONG_SWEEP * horizon))
+    margin = (LONG_SWEEP_MARGIN if multiple == LONG_SWEEP else SHORT_SWEEP_MARGIN) if margin is None else margin
+    factor = sweep_step(grid_ratio(cfg.lr0_grid), multiple)  # between points
+    lrs = [lr0 / factor**k for k in range(LONG_SWEEP_START)]
+    steps = max(1, round(multiple * horizon))
     cut = False
 
     def fits(points: int) -> bool:
@@ -218,19 +238,19 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
 
     losses, _, spent = _sweep_losses(cfg, steps, vector, lrs, run, LONG_SWEEP_SEEDS, warmup)
     while len(lrs) < LONG_SWEEP_POINTS and _argmin(losses) == len(lrs) - 1 and fits(1):
-        (loss,), _, more = _sweep_losses(cfg, steps, vector, [lrs[-1] / ratio], run, LONG_SWEEP_SEEDS, warmup)
-        lrs, losses, spent = [*lrs, lrs[-1] / ratio], [*losses, loss], spent + more
+        (loss,), _, more = _sweep_losses(cfg, steps, vector, [lrs[-1] / factor], run, LONG_SWEEP_SEEDS, warmup)
+        lrs, losses, spent = [*lrs, lrs[-1] / factor], [*losses, loss], spent + more
     best = _argmin(losses)
-    clear_gain = math.isfinite(losses[best]) and losses[best] * (1 + LONG_SWEEP_MARGIN) < losses[0]
+    clear_gain = math.isfinite(losses[best]) and losses[best] * (1 + margin) < losses[0]
     if clear_gain and best < len(lrs) - 1 and fits(2):
         # a grid step apart, three points misplace a minimum whose sides differ: the text task's 4x loss rises
         # slowly toward λ0 and steeply below its minimum, and they put the vertex at λ0 / 3.1 where a finer scan
         # found λ0 / 4.2 (5% lower loss at 5x on training seeds); the half steps either side place it closer
-        halves = [lrs[best] * ratio**0.5, lrs[best] / ratio**0.5]
+        halves = [lrs[best] * factor**0.5, lrs[best] / factor**0.5]
         more_losses, _, more = _sweep_losses(cfg, steps, vector, halves, run, LONG_SWEEP_SEEDS, warmup)
         pairs = sorted(zip([*lrs, *halves], [*losses, *more_losses], strict=True), reverse=True)
         lrs, losses, spent = [lr for lr, _ in pairs], [v for _, v in pairs], spent + more
-    below = _vertex([math.log(lr0 / lr) / math.log(ratio) for lr in lrs], losses) if clear_gain else 0.0
-    exponent = below * math.log(ratio) / math.log(LONG_SWEEP)
-    return {"multiple": LONG_SWEEP, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent, "cut": cut,
+    below = _vertex([math.log(lr0 / lr) / math.log(factor) for lr in lrs], losses) if clear_gain else 0.0
+    exponent = below * math.log(factor) / math.log(multiple)
+    return {"multiple": multiple, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent, "cut": cut,
             "seconds": time.perf_counter() - start, "steps": spent}

@@ -143,8 +143,10 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
     fit, room = None, _alpha_room(cfg, sweep, run, start)
-    if cfg.horizon_exponent is None and room(sweeps.long_sweep_steps(horizon)):
-        fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room)
+    # at 4x the horizon, or at 2x for half the cost where a heavier task's budget has no room for 4x
+    multiples = [m for m in (sweeps.LONG_SWEEP, sweeps.SHORT_SWEEP) if room(sweeps.long_sweep_steps(horizon, m))]
+    if cfg.horizon_exponent is None and multiples:
+        fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room, multiples[0])
     exponent = (fit["horizon_exponent"] if fit else
                 sweeps.UNSWEPT_HORIZON_EXPONENT if cfg.horizon_exponent is None else cfg.horizon_exponent)
     validation_start = time.perf_counter()
@@ -303,8 +305,8 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                 priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
                            + priors
-                           + (f", then at {sweeps.LONG_SWEEP:g}x the horizon to fit α" if cfg.horizon_exponent is None
-                              else ""))
+                           + (f", then at {sweeps.LONG_SWEEP:g}x the horizon ({sweeps.SHORT_SWEEP:g}x if the budget "
+                              "is short) to fit α" if cfg.horizon_exponent is None else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
             state.seconds = runner.agree(state.seconds)
             if progress and runner.rank == 0 and cfg.horizon_exponent is None and state.horizon_sweep is None:
