@@ -424,22 +424,29 @@ def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
     assert functional.horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
 
 
-def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation():
-    """0.1 s per step (the λ0 sweep's pace), 10 s spent, a 1-minute budget: α-sweep steps fit while 10 s + their
-    time stays within 80% of it (48 s), however long the first validation would take."""
+@pytest.mark.parametrize("seeds, iterations, rest", [
+    (50, 4, 500),  # two validations take 3000 steps (300 s): meta-training cannot run, the sweep may use it all
+    (1, 4, 380),  # they take 60 steps: 80%, the rest is meta-training's
+    (1, 0, 500)])  # --iterations 0: nothing else will run
+def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation(seeds, iterations, rest):
+    """0.1 s per step (the λ0 sweep's pace), 10 s spent, a 1-minute budget: the α sweep's first points fit while
+    10 s + their time stays within 80% of it (380 steps), however long the first validation would take; its
+    further points too, or within all of it (500 steps) when meta-training cannot run anyway."""
     module = sys.modules["l3rs.meta.train"]
-    cfg = small(budget_minutes=1.0, validation_seeds=50)
+    cfg = small(budget_minutes=1.0, validation_seeds=seeds, iterations=iterations)
     run = types.SimpleNamespace(agree=lambda x: x)
-    room = module._alpha_room(cfg, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0)
-    assert room(370) and not room(390)
-    assert module._alpha_room(cfg, None, run, 0.0)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
+    first, room = (module._alpha_room(cfg, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0, H, f)
+                   for f in (True, False))
+    assert first(370) and not first(390)
+    assert room(rest - 10) and not room(rest + 10)
+    assert module._alpha_room(cfg, None, run, 0.0, H)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
 
 
 def test_a_budget_with_room_for_the_alpha_sweep_at_2x_only_fits_alpha_there(tmp_path, monkeypatch):
     module = sys.modules["l3rs.meta.train"]
     asked = []
 
-    def room(cfg, sweep, run, start):
+    def room(cfg, sweep, run, start, horizon, first=False):
         def fits(steps: int) -> bool:
             asked.append(steps)
             return steps <= sweeps.long_sweep_steps(H, sweeps.SHORT_SWEEP)

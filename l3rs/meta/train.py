@@ -127,12 +127,17 @@ def _fits(cfg: MetaConfig, sweep: dict[str, Any] | None, steps: float, spent: fl
     return run.agree(spent) + pace * steps <= share * 60 * cfg.budget_minutes
 
 
-def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: float) -> Callable[[int], bool]:
-    """Whether so many more α-sweep steps fit 80% of the budget (the α sweep's first points, then each step down
-    and the half steps, ask it in turn). It goes before meta-training's first validation: at 5x, the text task's
-    untrained optimizer ended at 1.30x the best tuned baseline's loss with α = 0 and 0.99x with its fitted α
-    (`docs/RESULTS.md`, sessions 27-28)."""
-    return lambda steps: _fits(cfg, sweep, steps, time.perf_counter() - start, run, 0.8)
+def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: float, horizon: int,
+                first: bool = False) -> Callable[[int], bool]:
+    """Whether so many more α-sweep steps fit 80% of the budget, or all of it for its steps down and half steps
+    (not `first`) when meta-training cannot run anyway (`--iterations 0`, or no room for its first and final
+    validation). It goes before meta-training: at 5x α moved the text task's loss by 30%, meta-training its
+    validation by 1% (`docs/RESULTS.md`, sessions 27-29)."""
+    def room(steps: int) -> bool:
+        spent, validations = time.perf_counter() - start, 2 * validation_steps(cfg, horizon)
+        idle = not first and (cfg.iterations == 0 or not _fits(cfg, sweep, validations, spent, run))
+        return _fits(cfg, sweep, steps, spent, run, 1.0 if idle else 0.8)
+    return room
 
 
 def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any) -> TrainState:
@@ -142,9 +147,9 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     sweep = None if cfg.lr0 is not None else sweeps.prior_sweep(cfg, horizon, vectors, run)
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
-    fit, room = None, _alpha_room(cfg, sweep, run, start)
+    fit, first, room = None, *(_alpha_room(cfg, sweep, run, start, horizon, f) for f in (True, False))
     # at 4x the horizon, or at 2x for half the cost where a heavier task's budget has no room for 4x
-    multiples = [m for m in (sweeps.LONG_SWEEP, sweeps.SHORT_SWEEP) if room(sweeps.long_sweep_steps(horizon, m))]
+    multiples = [m for m in (sweeps.LONG_SWEEP, sweeps.SHORT_SWEEP) if first(sweeps.long_sweep_steps(horizon, m))]
     if cfg.horizon_exponent is None and multiples:
         fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room, multiples[0])
     exponent = (fit["horizon_exponent"] if fit else
@@ -304,9 +309,8 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
             if progress and runner.rank == 0 and cfg.lr0 is None:
                 priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
-                           + priors
-                           + (f", then at {sweeps.LONG_SWEEP:g}x the horizon ({sweeps.SHORT_SWEEP:g}x if the budget "
-                              "is short) to fit α" if cfg.horizon_exponent is None else ""))
+                           + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon ({sweeps.SHORT_SWEEP:g}x if "
+                                       "the budget is short) to fit α" if cfg.horizon_exponent is None else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
             state.seconds = runner.agree(state.seconds)
             if progress and runner.rank == 0 and cfg.horizon_exponent is None and state.horizon_sweep is None:
@@ -318,12 +322,10 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                            "ships with the swept λ0; give a larger --budget-minutes to meta-train")
             if runner.rank == 0:
                 _log(out, {"iteration": 0, "objective": None, "validation": state.untrained_validation,
-                           "validation_by_seed": state.untrained_validation_by_seed,
-                           "validation_score": 0.0, "best_score": 0.0, "seconds": state.seconds,
-                           "elapsed": state.seconds, "steps": state.steps, "lr0": state.lr0,
-                           "lr0_sweep": state.lr0_sweep, "prior": state.prior,
-                           "horizon_exponent": state.horizon_exponent,
-                           "horizon_sweep": state.horizon_sweep}, None)
+                           "validation_by_seed": state.untrained_validation_by_seed, "validation_score": 0.0,
+                           "best_score": 0.0, "seconds": state.seconds, "elapsed": state.seconds, "steps": state.steps,
+                           "lr0": state.lr0, "lr0_sweep": state.lr0_sweep, "prior": state.prior,
+                           "horizon_exponent": state.horizon_exponent, "horizon_sweep": state.horizon_sweep}, None)
         _loop(state, family, cfg, opt_config, horizon, out, runner, progress)
     finally:
         runner.close()
