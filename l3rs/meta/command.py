@@ -29,9 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--horizon", type=int, default=None,
                         help="fine-tuning steps per run (default: the task's)")
     parser.add_argument("--budget-minutes", type=float, default=None,
-                        help=f"wall-clock budget, λ0 sweep included (default {DEFAULT_BUDGET_MINUTES:g} "
-                             "unless "
-                             "--iterations is given)")
+                        help=f"wall-clock budget, λ0 and α sweeps included (default {DEFAULT_BUDGET_MINUTES:g} "
+                             "unless --iterations is given)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="meta-iterations (default: until the budget); 0: only the λ0 and α sweeps, "
                              "shipping the untrained optimizer")
@@ -90,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="λ0 (default: a sweep of the untrained optimizer)")
     parser.add_argument("--horizon-exponent", type=float, default=None,
                         help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
-                             "fitted by a sweep of the untrained optimizer at 4x the horizon, 0.5 when the budget "
-                             "has no room for it; 0: λ0 at any length)")
+                             "fitted by a sweep of the untrained optimizer at 4x the horizon, at 2x when the budget "
+                             "has no room for that, 0.5 when it has room for neither; 0: λ0 at any length)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--priors", default=None,
