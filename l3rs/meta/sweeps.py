@@ -30,8 +30,8 @@ LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (th
 # When the budget has no room for its first points, the α sweep runs at SHORT_SWEEP x the horizon (half the cost:
 # at the default 5 minutes, tasks whose runs of their horizon take up to ~7.5 s instead of ~5.5 s) with steps of
 # ratio^(log SHORT_SWEEP / log LONG_SWEEP) = √ratio, so each point stands for the same α as at 4x. Its gains are
-# smaller: replayed on every pair of 6 training seeds, the text task's and the MLP's best 2x losses are 12% below
-# λ0's (α 0.88-0.96 and 1.38-1.49 on every pair, 0.99-1.04 and 1.23-1.31 at 4x; a 15% margin keeps neither), and
+# smaller: replayed on every pair of 6 training seeds, λ0's 2x loss is 12% above the best on the text task and the
+# MLP (α 0.88-0.96 and 1.38-1.49 on every pair, 0.99-1.04 and 1.23-1.31 at 4x; a 15% margin keeps neither), and
 # at 10% digits fits α 0.62 on 1 pair of 15, cnn04 1.4-1.6 on 5 (λ0 / 3 is 5% better than λ0 at 2x on its
 # 6-seed mean, where λ0 is best at 4x). On held-out seeds (`docs/RESULTS.md` session 29) those α took the text
 # task at 5x from 1.15x the best tuned baseline's loss (α = 0.5, what ships without a sweep) to 0.998x, the MLP
