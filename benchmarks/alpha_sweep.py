@@ -13,7 +13,8 @@ run meets.
 
 `--margins` replays the pairs with other margins too (how much lower than λ0's the best long loss must be for
 α > 0; the library's is LONG_SWEEP_MARGIN at 4x, SHORT_SWEEP_MARGIN at 2x): how often each one fits α > 0 on the
-same losses.
+same losses. `--stored out.json` replays an earlier output's losses instead of running (the library's margins
+may have changed since).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import itertools
 import json
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,6 +92,19 @@ def replay(losses: list[list[float]], seeds: tuple[int, ...], lr0: float, step: 
                                 margin=margin)["horizon_exponent"]
 
 
+def fits_by_margin(losses: list[list[float]], lr0: float, step: float, multiple: float,
+                   margins: list[float]) -> dict[str, dict[str, Any]]:
+    """Per margin: the α every pair of the table's seeds fits, how many fit α > 0, and their range."""
+    pairs = list(itertools.combinations(range(len(losses)), LONG_SWEEP_SEEDS))
+    by_margin = {}
+    for margin in margins:
+        alphas = [replay(losses, pair, lr0, step, multiple, margin) for pair in pairs]
+        by_margin[f"{margin:g}"] = {
+            "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
+            "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
+    return by_margin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="cnn04-mnist59,mnistcnn-digits,minilm-chatterbot,mlp-mnist1d-shift")
@@ -101,26 +116,32 @@ def main() -> None:
     parser.add_argument("--margins", default="",
                         help="comma-separated margins to replay the pairs with besides the library's")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stored", default=None, metavar="JSON",
+                        help="replay this script's earlier output with today's margins instead of running")
     args = parser.parse_args()
+    if args.stored:
+        stored = json.loads(Path(args.stored).read_text())
+        args.multiple = stored["multiple"]
     margin = LONG_SWEEP_MARGIN if args.multiple == LONG_SWEEP else SHORT_SWEEP_MARGIN
+    margins = sorted({margin, *(float(m) for m in args.margins.split(",") if m)})
     out: dict[str, Any] = {"machine": machine(), "multiple": args.multiple, "sweep_seeds": LONG_SWEEP_SEEDS,
                            "margin": margin, "tasks": {}}
-    for task in args.tasks.split(","):
-        lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers, priors=(args.prior,)))
-        step, losses = per_seed_losses(task, lr0, args.seeds, args.workers, args.prior, args.multiple)
-        pairs = list(itertools.combinations(range(args.seeds), LONG_SWEEP_SEEDS))
-        by_margin = {}
-        for other in sorted({margin, *(float(m) for m in args.margins.split(",") if m)}):
-            alphas = [replay(losses, pair, lr0, step, args.multiple, other) for pair in pairs]
-            by_margin[f"{other:g}"] = {
-                "alpha_by_seeds": {",".join(map(str, p)): a for p, a in zip(pairs, alphas, strict=True)},
-                "alpha_nonzero": sum(a > 0 for a in alphas), "alpha_min": min(alphas), "alpha_max": max(alphas)}
+    if args.stored:
+        out |= {"machine": stored["machine"], "replayed": args.stored}  # the losses' machine, not this one's
+    for task in stored["tasks"] if args.stored else args.tasks.split(","):
+        if args.stored:
+            row = stored["tasks"][task]
+            lr0, prior, losses, step = row["lr0"], row["prior"], row["losses"], row["lrs"][0] / row["lrs"][2]
+        else:
+            lr0 = args.lr0 or tune_lr0(tasks.family(task), MetaConfig(workers=args.workers, priors=(args.prior,)))
+            prior = args.prior
+            step, losses = per_seed_losses(task, lr0, args.seeds, args.workers, prior, args.multiple)
+        by_margin = fits_by_margin(losses, lr0, step, args.multiple, margins)
         out["tasks"][task] = {
-            "lr0": lr0, "prior": args.prior, "lrs": half_steps(lr0, step), "losses": losses,
+            "lr0": lr0, "prior": prior, "lrs": half_steps(lr0, step), "losses": losses,
             "mean": [statistics.mean(col) for col in zip(*losses, strict=True)],
             **by_margin[f"{margin:g}"], "by_margin": by_margin}
     print(json.dumps(out, indent=1))
-
 
 if __name__ == "__main__":
     main()

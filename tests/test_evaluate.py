@@ -573,6 +573,8 @@ def test_alpha_sweep_replays_the_librarys_fit_on_stored_losses(monkeypatch, mult
     gain = 1 - losses[0][min(range(len(lrs)), key=lambda k: losses[0][k])] / losses[0][0]
     assert module.replay(losses, (0, 2), 1.0, step, multiple, 0.0) == pytest.approx(0.9, abs=0.1)
     assert module.replay(losses, (1, 2), 1.0, step, multiple, 1.1 * gain / (1 - gain)) == 0.0
+    by_margin = module.fits_by_margin(losses, 1.0, step, multiple, [0.0, 1.1 * gain / (1 - gain)])
+    assert [v["alpha_nonzero"] for v in by_margin.values()] == [3, 0]  # every pair of 3 seeds, then none
 
 
 def test_generalization_rows_list_every_methods_speedup(monkeypatch) -> None:
