@@ -27,17 +27,17 @@ GRID_EXTENSIONS = 2
 # in λ (every sweep stored so far), without the runs far from the best (on digits 3 points of 6)
 LR0_START_POINTS = 3
 LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (the longest validation horizon)
-# When the budget has no room for its first points, the α sweep runs at SHORT_SWEEP x the horizon (half the cost:
-# at the default 5 minutes, tasks whose runs of their horizon take up to ~7.5 s instead of ~5.5 s) with steps of
+# When the budget has no room for its first points, the α sweep runs at SHORT_SWEEP x the horizon (half the cost: at
+# the default 5 minutes, tasks whose runs of their horizon take up to ~7.5 s instead of ~5.5 s) with steps of
 # ratio^(log SHORT_SWEEP / log LONG_SWEEP) = √ratio, so each point stands for the same α as at 4x. Its gains are
-# smaller: replayed on every pair of 6 training seeds, λ0's 2x loss is 12% above the best on the text task and the
-# MLP (α 0.88-0.96 and 1.38-1.49 on every pair, 0.99-1.04 and 1.23-1.31 at 4x; a 15% margin keeps neither; one
-# seed's gain is 10-14%, so at 10% about 1 pair in 25 would keep α = 0; 7.5% is 4 sd below a pair's gain). At 7.5% digits
-# fits α 0.62 on 1 pair of 15 (at 5-6%: 2, up to 0.75), cnn04 1.4-1.6 on 8 (at 10%: 5; λ0 / 3 is 5% better than
-# λ0 at 2x on its 6-seed mean, where λ0 is best at 4x). On held-out seeds (`docs/RESULTS.md` session 29) those α
-# took the text task at 5x from 1.15x the best tuned baseline's loss (α = 0.5, what ships without a sweep) to
-# 0.998x, the MLP from 1.21x to 1.008x; cnn04's spurious α = 1.5 cost it 17% at 5x (a tie instead of better): a
-# spurious α costs less than a missed one, hence the lower margin.
+# smaller: replayed on every pair of 6 training seeds, λ0's 2x loss is 12% above the best on the text task and the MLP
+# (α 0.88-0.96 and 1.38-1.49 on every pair, 0.99-1.04 and 1.23-1.31 at 4x; a 15% margin keeps neither; one seed's gain
+# is 10-14%, so at 10% about 1 pair in 25 would keep α = 0; 7.5% is 4 sd below a pair's gain). At 7.5% digits fits α
+# 0.62 on 1 pair of 15 (at 5-6%: 2, up to 0.75), cnn04 1.4-1.6 on 8 (at 10%: 5; λ0 / 3 is 5% better than λ0 at 2x on
+# its 6-seed mean, where λ0 is best at 4x). On held-out seeds (`docs/RESULTS.md` session 29) those α took the text
+# task at 5x from 1.15x the best tuned baseline's loss (α = 0.5, what ships without a sweep) to 0.998x, the MLP from
+# 1.21x to 1.008x; cnn04's spurious α = 1.5 cost it 17% at 5x (a tie instead of better): a spurious α costs less than
+# a missed one, hence the lower margin.
 SHORT_SWEEP = 2.0
 SHORT_SWEEP_MARGIN = 0.075
 # The long sweep runs λ0 and the grid steps below it on LONG_SWEEP_SEEDS seeds: LONG_SWEEP_START points, then one
