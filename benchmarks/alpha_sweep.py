@@ -35,12 +35,11 @@ from l3rs.meta.config import MetaConfig
 from l3rs.meta.distributed import Runner
 from l3rs.meta.sweeps import (
     LONG_SWEEP,
-    LONG_SWEEP_MARGIN,
     LONG_SWEEP_POINTS,
     LONG_SWEEP_SEEDS,
-    SHORT_SWEEP_MARGIN,
     grid_ratio,
     horizon_exponent_fit,
+    sweep_margin,
     sweep_seeds,
     sweep_step,
 )
@@ -122,7 +121,7 @@ def main() -> None:
     if args.stored:
         stored = json.loads(Path(args.stored).read_text())
         args.multiple = stored["multiple"]
-    margin = LONG_SWEEP_MARGIN if args.multiple == LONG_SWEEP else SHORT_SWEEP_MARGIN
+    margin = sweep_margin(args.multiple)
     margins = sorted({margin, *(float(m) for m in args.margins.split(",") if m)})
     out: dict[str, Any] = {"machine": machine(), "multiple": args.multiple, "sweep_seeds": LONG_SWEEP_SEEDS,
                            "margin": margin, "tasks": {}}
@@ -142,6 +141,7 @@ def main() -> None:
             "mean": [statistics.mean(col) for col in zip(*losses, strict=True)],
             **by_margin[f"{margin:g}"], "by_margin": by_margin}
     print(json.dumps(out, indent=1))
+
 
 if __name__ == "__main__":
     main()

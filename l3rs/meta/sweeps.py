@@ -103,6 +103,11 @@ def long_sweep_steps(horizon: int, multiple: float = LONG_SWEEP) -> int:
     return LONG_SWEEP_START * LONG_SWEEP_SEEDS * max(1, round(multiple * horizon))
 
 
+def sweep_margin(multiple: float) -> float:
+    """How much lower than λ0's the best loss of the α sweep at `multiple` x the horizon must be for α > 0."""
+    return LONG_SWEEP_MARGIN if multiple == LONG_SWEEP else SHORT_SWEEP_MARGIN
+
+
 def sweep_step(ratio: float, multiple: float) -> float:
     """The α sweep's step between points at `multiple` x the horizon: the grid's `ratio` at LONG_SWEEP, so that
     the k-th point down stands for α = k · log(ratio) / log(LONG_SWEEP) at every multiple."""
@@ -217,17 +222,16 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
                          multiple: float = LONG_SWEEP, margin: float | None = None) -> dict[str, Any]:
     """α from the untrained L3RS's best λ at `multiple` x the horizon, λ* = λ0 · multiple^−α.
 
-    λ0 and the steps below it (`sweep_step`: the grid's ratio at LONG_SWEEP) run at that horizon on
-    LONG_SWEEP_SEEDS seeds, LONG_SWEEP_START of them and one more while the lowest is best (up to
-    LONG_SWEEP_POINTS). α = 0 unless the best beats λ0 by `margin` (default LONG_SWEEP_MARGIN at LONG_SWEEP,
-    SHORT_SWEEP_MARGIN otherwise). Otherwise, when the best is inside the swept range, the half steps either side
-    of it run too, and λ* is the vertex of the parabola through log(mean loss) over log(λ) at the lowest of all
-    points and its two neighbours (the edge when the best is the last step down): α is continuous in
-    [0, (points − 1) · log(ratio) / log(LONG_SWEEP)], ratio the grid's mean step. `room(steps)` says whether
-    that many more fine-tuning steps fit the budget: a step down or the half steps run only if they do
+    λ0 and the steps below it (`sweep_step`: the grid's ratio at LONG_SWEEP) run at that horizon on LONG_SWEEP_SEEDS
+    seeds, LONG_SWEEP_START of them and one more while the lowest is best (up to LONG_SWEEP_POINTS). α = 0 unless
+    the best beats λ0 by `margin` (default `sweep_margin(multiple)`). Otherwise, when the best is inside the swept
+    range, the half steps either side of it run too, and λ* is the vertex of the parabola through log(mean loss)
+    over log(λ) at the lowest of all points and its two neighbours (the edge when the best is the last step down): α
+    is continuous in [0, (points − 1) · log(ratio) / log(LONG_SWEEP)], ratio the grid's mean step. `room(steps)`
+    says whether that many more fine-tuning steps fit the budget: a step down or the half steps run only if they do
     ("cut" in the result says one was left out)."""
     start = time.perf_counter()
-    margin = (LONG_SWEEP_MARGIN if multiple == LONG_SWEEP else SHORT_SWEEP_MARGIN) if margin is None else margin
+    margin = sweep_margin(multiple) if margin is None else margin
     factor = sweep_step(grid_ratio(cfg.lr0_grid), multiple)  # between points
     lrs = [lr0 / factor**k for k in range(LONG_SWEEP_START)]
     steps = max(1, round(multiple * horizon))

@@ -148,14 +148,14 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
     fit, first, room = None, *(_alpha_room(cfg, sweep, run, start, horizon, f) for f in (True, False))
+    tiers = (sweeps.LONG_SWEEP, sweeps.SHORT_SWEEP) if cfg.horizon_exponent is None else ()
     # at 4x the horizon, or at 2x for half the cost where a heavier task's budget has no room for 4x
-    multiples = [m for m in (sweeps.LONG_SWEEP, sweeps.SHORT_SWEEP) if first(sweeps.long_sweep_steps(horizon, m))]
-    if cfg.horizon_exponent is None and multiples:
-        fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room, multiples[0])
+    multiple = next((m for m in tiers if first(sweeps.long_sweep_steps(horizon, m))), None)
+    if multiple:
+        fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room, multiple)
     exponent = (fit["horizon_exponent"] if fit else
                 sweeps.UNSWEPT_HORIZON_EXPONENT if cfg.horizon_exponent is None else cfg.horizon_exponent)
-    validation_start = time.perf_counter()
-    val, validation_seconds = None, 0.0
+    validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
         val = validate(cfg, horizon, vector, lr0, run, exponent, warmup)
