@@ -7,7 +7,8 @@ held-out seeds at 2x and 5x its horizon (α changes nothing up to 1x) against th
 
 Per task, α and scenario: L3RS's final validation loss over the best tuned baseline's with its 95% interval
 (as `l3rs evaluate` judges it), and the paired ratio of each α's final loss to the first α's (ratio of the mean
-final losses over the same seeds, 95% paired-bootstrap interval, on how many seeds it is lower).
+final losses over the same seeds, 95% paired-bootstrap interval, on how many seeds it is lower). An α whose
+OUT/TASK/alpha-A/ already holds an optimizer and its evaluation is not run again, so more α can be added later.
 """
 
 from __future__ import annotations
@@ -78,11 +79,13 @@ def main() -> None:
         for alpha in exponents:
             tag = f"alpha-{alpha:g}"
             best = untrained(task, out / task / tag / "meta", [*same, "--horizon-exponent", repr(alpha)])
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-                evaluate(best, task, out / task / tag / "eval", horizons=[2.0, 5.0], seeds=args.seeds,
-                         baselines=list(DEFAULT_BASELINES), shifts=[], progress=False, workers=args.workers,
-                         baselines_from=previous_evaluation(args.baselines_from, task))
-            evaluation = json.loads((out / task / tag / "eval" / "evaluation.json").read_text())
+            done = out / task / tag / "eval" / "evaluation.json"
+            if not done.exists():  # an α evaluated before (an interrupted run, or more α later) is not run again
+                with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+                    evaluate(best, task, out / task / tag / "eval", horizons=[2.0, 5.0], seeds=args.seeds,
+                             baselines=list(DEFAULT_BASELINES), shifts=[], progress=False, workers=args.workers,
+                             baselines_from=previous_evaluation(args.baselines_from, task))
+            evaluation = json.loads(done.read_text())
             rows[tag], losses[alpha] = rows_of(evaluation), finals(evaluation)
         reference = losses[exponents[0]]
         report["tasks"][task] = {
