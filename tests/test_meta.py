@@ -464,7 +464,7 @@ def test_a_budget_without_room_for_the_alpha_sweep_or_validation_ships_the_untra
     cfg = small(iterations=5, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
     info = json.loads((train(stiff_task(), tmp_path, cfg, progress=False) / "optimizer.json").read_text())
     assert info["lr0_sweep"] is not None and info["horizon_sweep"] is None
-    assert info["config"]["horizon_exponent"] == sweeps.UNSWEPT_HORIZON_EXPONENT > 0  # no sweep: the 1/√T prior
+    assert info["config"]["horizon_exponent"] == sweeps.UNSWEPT_HORIZON_EXPONENT > 0  # no sweep: the 1/T prior
     # no room for a first and a final validation: no meta-training at all, the swept λ0 ships untrained
     assert info["validation"] is None and info["untrained_validation"] is None and info["iteration"] == 0
     assert info["lr"] == info["lr0_sweep"]["lr0"]

@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--horizon-exponent", type=float, default=None,
                         help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
                              "fitted by a sweep of the untrained optimizer at 4x the horizon, at 2x when the budget "
-                             "has no room for that, 0.5 when it has room for neither; 0: λ0 at any length)")
+                             "has no room for that, 1 (a step ∝ 1/T) when it has room for neither; 0: λ0 at any "
+                             "length)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--priors", default=None,
