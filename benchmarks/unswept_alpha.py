@@ -8,7 +8,8 @@ held-out seeds at 2x and 5x its horizon (α changes nothing up to 1x) against th
 Per task, α and scenario: L3RS's final validation loss over the best tuned baseline's with its 95% interval
 (as `l3rs evaluate` judges it), and the paired ratio of each α's final loss to the first α's (ratio of the mean
 final losses over the same seeds, 95% paired-bootstrap interval, on how many seeds it is lower). An α whose
-OUT/TASK/alpha-A/ already holds an optimizer and its evaluation is not run again, so more α can be added later.
+OUT/TASK/alpha-A/ already holds an optimizer and its evaluation on as many seeds is not run again, so more α can be
+added later.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def untrained(task: str, out: Path, flags: list[str]) -> Path:
         subprocess.run([sys.executable, "-m", "l3rs", "meta-train", "--task", task, "--out", str(out),
                         "--iterations", "0", "--no-progress", *flags], check=True, stdout=sys.stderr)
     return out / "best"
+
+
+def earlier_evaluation(eval_dir: Path, seeds: int) -> dict[str, Any] | None:
+    """The evaluation an earlier run (an interrupted one, or one with fewer α) left in `eval_dir`, if it ran on
+    `seeds` seeds; None otherwise (it is then run again)."""
+    path = eval_dir / "evaluation.json"
+    if not path.exists():
+        return None
+    evaluation = json.loads(path.read_text())
+    return evaluation if evaluation["settings"]["seeds"] == seeds else None
 
 
 def finals(evaluation: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -79,13 +90,13 @@ def main() -> None:
         for alpha in exponents:
             tag = f"alpha-{alpha:g}"
             best = untrained(task, out / task / tag / "meta", [*same, "--horizon-exponent", repr(alpha)])
-            done = out / task / tag / "eval" / "evaluation.json"
-            if not done.exists():  # an α evaluated before (an interrupted run, or more α later) is not run again
+            evaluation = earlier_evaluation(out / task / tag / "eval", args.seeds)
+            if evaluation is None:
                 with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
                     evaluate(best, task, out / task / tag / "eval", horizons=[2.0, 5.0], seeds=args.seeds,
                              baselines=list(DEFAULT_BASELINES), shifts=[], progress=False, workers=args.workers,
                              baselines_from=previous_evaluation(args.baselines_from, task))
-            evaluation = json.loads(done.read_text())
+                evaluation = json.loads((out / task / tag / "eval" / "evaluation.json").read_text())
             rows[tag], losses[alpha] = rows_of(evaluation), finals(evaluation)
         reference = losses[exponents[0]]
         report["tasks"][task] = {

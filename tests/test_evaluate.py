@@ -560,6 +560,15 @@ def test_unswept_alpha_pairs_each_alphas_final_losses_by_seed(monkeypatch) -> No
     assert paired["ratio_ci95"][0] == 0.5 and paired["ratio_ci95"][1] == 1.5  # both seeds drawn twice, each way
 
 
+def test_unswept_alpha_reuses_an_earlier_evaluation_only_on_as_many_seeds(monkeypatch, tmp_path) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    module = importlib.import_module("benchmarks.unswept_alpha")
+    assert module.earlier_evaluation(tmp_path, 10) is None  # nothing there yet
+    (tmp_path / "evaluation.json").write_text(json.dumps({"settings": {"seeds": 5}, "scenarios": []}))
+    assert module.earlier_evaluation(tmp_path, 5) == {"settings": {"seeds": 5}, "scenarios": []}
+    assert module.earlier_evaluation(tmp_path, 10) is None  # run again on the seeds asked for
+
+
 @pytest.mark.parametrize("multiple", [2.0, 4.0])
 def test_alpha_sweep_replays_the_librarys_fit_on_stored_losses(monkeypatch, multiple) -> None:
     """Per-seed losses over λ0 / step^(k/2) whose minimum sits at λ0 · multiple^−0.9: every seed pair fits α ≈ 0.9
