@@ -18,7 +18,7 @@ from l3rs.meta import MetaConfig, train
 from l3rs.meta.estimators import Context, bptt, draw_horizon, end_weight
 from l3rs.meta.sweeps import PRIOR_SEEDS, prior_sweep, sweep_seeds
 from l3rs.meta.unroll import Result, Worker
-from l3rs.meta.validation import validation_due, validation_score
+from l3rs.meta.validation import clears_noise, validation_due, validation_score
 from l3rs.optim import CheckpointError, load_meta
 from l3rs.tasks import TaskFamily, builtin, data
 
@@ -133,6 +133,16 @@ def test_validation_score_compares_every_horizon_to_the_untrained_optimizer():
     assert validation_score([0.1, math.inf], [0.2, 0.1]) == math.inf
 
 
+def test_a_checkpoint_must_clear_the_untrained_optimizer_on_every_seed_and_horizon():
+    untrained = [[1.0, 2.0], [0.5, 0.4]]
+    assert clears_noise([[0.9, 1.9], [0.45, 0.39]], untrained, 0.01)
+    assert not clears_noise([[0.5, 1.995], [0.2, 0.2]], untrained, 0.01)  # a large mean gain, one seed 0.25%
+    assert clears_noise([[0.5, 1.995], [0.2, 0.2]], untrained, 0.0)  # margin 0: lower on every seed is enough
+    assert not clears_noise([[0.5, 2.1], [0.2, 0.2]], untrained, 0.0)  # higher on one seed
+    assert not clears_noise([[math.inf, 1.0], [0.2, 0.2]], untrained, 0.0)
+    assert clears_noise([[5.0, 5.0]], None, 0.01)  # a state saved before per-seed values: the mean decides
+
+
 def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     cfg = small(estimator="bptt", iterations=4, validate_every=2, validation_horizons=(1.0, 2.0),
                 horizon_range=(0.5, 2.0), validation_seeds=2)
@@ -154,6 +164,21 @@ def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
         assert [len(row) for row in record["validation_by_seed"]] == [2, 2]
     assert info["untrained_validation_by_seed"] == lines[0]["validation_by_seed"]
     assert info["validation_by_seed"] == lines[info["best_iteration"]]["validation_by_seed"]
+    kept, best = 0, 0.0  # the lowest score among checkpoints that clear the margin on every seed and horizon
+    for record in lines[1:]:
+        if record["validation"] and record["validation_score"] < best and clears_noise(
+                record["validation_by_seed"], lines[0]["validation_by_seed"], cfg.selection_margin):
+            kept, best = record["iteration"], record["validation_score"]
+    assert info["best_iteration"] == kept
+
+
+def test_no_checkpoint_is_kept_when_none_clears_the_selection_margin(tmp_path):
+    cfg = small(estimator="bptt", iterations=4, validate_every=2, validation_seeds=2, selection_margin=0.9)
+    best = train(stiff_task(), tmp_path, cfg, progress=False)
+    info = json.loads((best / "optimizer.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert min(r["validation_score"] for r in lines[1:] if r["validation"]) < 0  # a lower mean, not 90% lower
+    assert info["best_iteration"] == 0 and info["validation_score"] == 0.0
 
 
 def test_validation_is_due_early_then_every_n_iterations():

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="iterations between held-out validations (they pick the kept checkpoint)")
     parser.add_argument("--validation-seeds", type=int, default=d.validation_seeds,
                         help="held-out fine-tuning seeds per validation horizon (more: a surer pick, dearer checks)")
+    parser.add_argument("--selection-margin", type=float, default=d.selection_margin,
+                        help="a meta-trained checkpoint replaces the untrained optimizer only if it is at least "
+                             "this much (relative) lower on every validation seed at every validation horizon")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=d.config.normalize,
                         help="snr: each direction at unit RMS times the RMS of Adam's direction (shrinks as "
                              "noise takes over); rms: unit RMS at every step (the paper); none: raw")
@@ -150,7 +153,8 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
                           end_weight=args.end_weight, log_objective=not args.no_log_objective,
                           validate_every=args.validate_every, validation_seeds=args.validation_seeds,
-                          workers=args.workers, device=args.device, config=config)
+                          selection_margin=args.selection_margin, workers=args.workers, device=args.device,
+                          config=config)
     except ValueError as e:
         raise UsageError(f"meta-train: {e}") from None
 
@@ -198,7 +202,9 @@ def run(args: argparse.Namespace) -> int:
                   + f"; α {long['horizon_exponent']:.2f}"
                   + (" (the budget left no room for more points)" if long.get("cut") else ""))
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
-            kept = _by_seed(info["validation_by_seed"]) if info["best_iteration"] else "the untrained optimizer"
+            kept = (_by_seed(info["validation_by_seed"]) if info["best_iteration"] else
+                    f"the untrained optimizer (no checkpoint was {cfg.selection_margin:.0%} lower on every seed at "
+                    "every horizon)")
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
                   f"kept {kept}; untrained {_by_seed(info['untrained_validation_by_seed'])}")
         split = info["seconds_by_phase"]  # validation and sweeps can leave the meta-gradient little of the budget

@@ -35,6 +35,8 @@ class MetaConfig:
     log_objective: estimators work on log(loss), so runs of any length and tasks of any scale weigh alike.
     validation_horizons: the kept checkpoint ("best") is chosen by held-out validation at these multiples of
         the horizon (the worst of log(val loss / untrained val loss) over them).
+    selection_margin: a checkpoint replaces the untrained optimizer only if it is at least this much (relative)
+        lower on every validation seed at every validation horizon (`validation.clears_noise`).
     lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5), extending the
         grid past an edge it picks.
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
@@ -76,6 +78,7 @@ class MetaConfig:
     priors: tuple[str, ...] | None = None
     validate_every: int = 20  # validations at 1x and 4x cost as much as ~10 iterations
     validation_seeds: int = 2
+    selection_margin: float = 0.01
     val_subset: int | None = 512  # validation objectives read this fixed subset of val (None: all)
     seed: int = 0
     workers: int = 1
@@ -110,6 +113,8 @@ class MetaConfig:
         for name in ("sigma", "meta_lr", "clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.selection_margin < 1:
+            raise ValueError(f"selection_margin must be in [0, 1), got {self.selection_margin!r}")
         if self.horizon is not None and self.horizon < 1:
             raise ValueError(f"horizon must be a positive int, got {self.horizon!r}")
         if self.lr0 is not None and not self.lr0 > 0:
@@ -161,6 +166,7 @@ class MetaConfig:
         return d
 
     def result_keys(self) -> dict[str, Any]:
-        """The settings that determine the meta-parameters (resuming must keep them; workers may change)."""
+        """The settings that determine the meta-parameters (resuming must keep them; workers, the budget and
+        the selection margin may change)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("workers", "budget_minutes", "device",
-                                                                     "iterations")}
+                                                                     "iterations", "selection_margin")}

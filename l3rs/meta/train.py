@@ -34,7 +34,7 @@ from l3rs.meta.config import MetaConfig, prior_mix
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context, Particles
 from l3rs.meta.unroll import Worker, pack, unpack
-from l3rs.meta.validation import Validation, validate, validation_due, validation_score, validation_steps
+from l3rs.meta.validation import Validation, clears_noise, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
 from l3rs.tasks import Task, TaskFamily
 
@@ -89,8 +89,7 @@ def _tensors(family: TaskFamily) -> tuple[list[str], list[tuple[int, ...]]]:
 
 
 def optimizer_config(cfg: MetaConfig, horizon: int) -> Config:
-    """The trained optimizer's Config: the user's, told the horizon it is meta-trained around (α is set
-    after the sweeps: jobs carry it)."""
+    """The user's Config, told the horizon it is meta-trained around (α is set after the sweeps: jobs carry it)."""
     return dataclasses.replace(cfg.config, reference_horizon=horizon, horizon_exponent=0.0)
 
 
@@ -333,14 +332,15 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
 
 
 def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner) -> tuple[float, Validation]:
-    """Validate the current meta-parameters; keep them as best if they score better. Returns (score, it)."""
+    """Validate the current meta-parameters; keep them as best if they score better and clear the margin."""
     start = time.perf_counter()
     val = validate(cfg, horizon, state.vector, state.lr0, run, state.horizon_exponent, state.backbone_warmup)
     state.steps += val.steps
     state.validation_seconds = run.agree(time.perf_counter() - start)
     state.validation_total += state.validation_seconds
     score = validation_score(val.values, state.untrained_validation)
-    if score < state.best_score:
+    cleared = clears_noise(val.by_seed, state.untrained_validation_by_seed, cfg.selection_margin)
+    if score < state.best_score and cleared:
         state.best_vector, state.best_validation = state.vector.clone(), val.values
         state.best_validation_by_seed = val.by_seed
         state.best_score, state.best_iteration = score, state.iteration

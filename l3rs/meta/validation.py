@@ -50,6 +50,19 @@ def validation_score(values: list[float], untrained: list[float]) -> float:
     return max(math.log(max(v, 1e-12) / max(u, 1e-12)) for v, u in zip(values, untrained, strict=True))
 
 
+def clears_noise(by_seed: list[list[float]], untrained_by_seed: list[list[float]] | None, margin: float) -> bool:
+    """Whether a checkpoint is at least `margin` (relative) lower than the untrained optimizer on every validation
+    seed at every validation horizon: only then may it replace the untrained optimizer. A mean over 2 seeds can
+    rest on one of them: effnet-mnist kept a checkpoint whose mean gains (11% at 1x, 16% at 4x) were 0.3% and
+    0.9% on one seed each, and it cost 37% on rotated digits (docs/RESULTS.md, sessions 30-31); one run's final
+    loss moves by several % with rounding alone on image tasks. None: a state saved before per-seed values were
+    kept (the mean alone decides, as then)."""
+    if untrained_by_seed is None:
+        return True
+    return all(v <= (1 - margin) * u for values, untrained in zip(by_seed, untrained_by_seed, strict=True)
+               for v, u in zip(values, untrained, strict=True))
+
+
 def validation_due(iteration: int, every: int) -> bool:
     """Every `every` iterations, and twice before the first of those (at a quarter and a half): the first
     iterations often help most before a noisy meta-gradient overshoots, so they get their own checks."""
