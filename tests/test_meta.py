@@ -219,8 +219,10 @@ def test_linearized_whole_run_gradient_equals_first_order_backprop_through_the_r
     ({"truncation": -1}, "truncation must be an int >= 0"),
     ({"truncation": 0, "objective": "train_loss"}, "final objective"),
     ({"truncation": 0, "config": functional.Config(average=0.125)}, "not averaged ones"),
+    ({"selection_margin": 1.0}, r"selection_margin must be in \[0, 1\)"),
+    ({"selection_margin": -0.01}, r"selection_margin must be in \[0, 1\)"),
 ])
-def test_meta_config_refuses_truncations_it_cannot_run(kwargs, message):
+def test_meta_config_refuses_settings_it_cannot_run(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MetaConfig(**kwargs)
 
