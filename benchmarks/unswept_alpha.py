@@ -90,13 +90,14 @@ def main() -> None:
         for alpha in exponents:
             tag = f"alpha-{alpha:g}"
             best = untrained(task, out / task / tag / "meta", [*same, "--horizon-exponent", repr(alpha)])
-            evaluation = earlier_evaluation(out / task / tag / "eval", args.seeds)
+            eval_dir = out / task / tag / "eval"
+            evaluation = earlier_evaluation(eval_dir, args.seeds)
             if evaluation is None:
                 with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-                    evaluate(best, task, out / task / tag / "eval", horizons=[2.0, 5.0], seeds=args.seeds,
+                    evaluate(best, task, eval_dir, horizons=[2.0, 5.0], seeds=args.seeds,
                              baselines=list(DEFAULT_BASELINES), shifts=[], progress=False, workers=args.workers,
                              baselines_from=previous_evaluation(args.baselines_from, task))
-                evaluation = json.loads((out / task / tag / "eval" / "evaluation.json").read_text())
+                evaluation = json.loads((eval_dir / "evaluation.json").read_text())
             rows[tag], losses[alpha] = rows_of(evaluation), finals(evaluation)
         reference = losses[exponents[0]]
         report["tasks"][task] = {

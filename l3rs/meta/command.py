@@ -203,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
                   + (" (the budget left no room for more points)" if long.get("cut") else ""))
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = (_by_seed(info["validation_by_seed"]) if info["best_iteration"] else
-                    f"the untrained optimizer (no checkpoint was {cfg.selection_margin:.0%} lower on every seed at "
-                    "every horizon)")
+                    f"the untrained optimizer (no checkpoint was {100 * cfg.selection_margin:g}% lower on every "
+                    "seed at every horizon)")
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
                   f"kept {kept}; untrained {_by_seed(info['untrained_validation_by_seed'])}")
         split = info["seconds_by_phase"]  # validation and sweeps can leave the meta-gradient little of the budget
