@@ -772,7 +772,7 @@ def _budget_run(tmp_path, monkeypatch, iteration_s: float, validation_s: float, 
     module = sys.modules["l3rs.meta.train"]
     clock = [0.0] if clock is None else clock
     estimator, validate = module.ESTIMATORS["bptt"], module.validate
-    monkeypatch.setattr(module, "_save_checkpoint", timed(module._save_checkpoint, writing_s, clock))
+    monkeypatch.setattr(module, "save_checkpoint", timed(module.save_checkpoint, writing_s, clock))
 
     monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setitem(module.ESTIMATORS, "bptt", timed(estimator, iteration_s, clock))

@@ -1,5 +1,5 @@
 """The meta-training loop: λ0 and α sweeps (`sweeps`), estimator steps with Adam, held-out validation (`validation`),
-checkpoints.
+checkpoints (`state`).
 
     path = train(task_or_family, "runs/digits", MetaConfig(estimator="pes"))  # -> runs/digits/best
 
@@ -16,67 +16,26 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from l3rs import mixer
 from l3rs.functional import Config
-from l3rs.io import atomic_write
 from l3rs.meta import sweeps
 from l3rs.meta.config import MetaConfig, prior_mix
 from l3rs.meta.distributed import Runner, broadcast
-from l3rs.meta.estimators import ESTIMATORS, Context, Particles
-from l3rs.meta.unroll import Worker, pack, unpack
+from l3rs.meta.estimators import ESTIMATORS, Context
+from l3rs.meta.state import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
+from l3rs.meta.unroll import Worker
 from l3rs.meta.validation import Validation, clears_noise, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
 from l3rs.tasks import Task, TaskFamily
 
-CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
-_TENSORS = ("vector", "adam_m", "adam_v", "best_vector")
-
-
-@dataclass
-class TrainState:
-    """Everything a meta-training run carries from iteration to iteration (saved in the checkpoint)."""
-
-    iteration: int
-    vector: Tensor  # flat meta-parameters
-    adam_m: Tensor
-    adam_v: Tensor
-    best_vector: Tensor
-    lr0: float
-    lr0_sweep: dict[str, Any] | None
-    # val loss of the untrained optimizer, per validation horizon (None: the budget had no room to validate,
-    # so nothing is meta-trained and the untrained optimizer ships)
-    untrained_validation: list[float] | None
-    best_validation: list[float] | None  # the same for the best checkpoint so far
-    best_score: float  # worst log(best / untrained) over validation horizons (0: the untrained optimizer)
-    best_iteration: int
-    seconds: float
-    steps: int  # fine-tuning steps spent
-    validation_seconds: float = 0.0  # what the last validation took (budgets plan for the next one)
-    validation_total: float = 0.0  # what every validation so far took (reported: where the budget went)
-    horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
-    horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
-    # each validation seed's value per horizon, untrained and best (how far the mean is from noise)
-    untrained_validation_by_seed: list[list[float]] | None = None
-    best_validation_by_seed: list[list[float]] | None = None
-    prior: str = "uniform"  # the untrained optimizer it started from (`MetaConfig.priors`)
-    backbone_warmup: float = 0.0  # of the trained optimizer (its prior's: `MetaConfig.warmup_of`)
-    particles: Particles | None = None
-
-    def to_doc(self) -> dict[str, Any]:
-        """The JSON part of the checkpoint (tensors and particles go to safetensors)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in (*_TENSORS, "particles")}
 
 
 def _family(task_or_family: Task | TaskFamily) -> TaskFamily:
@@ -169,52 +128,13 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
                       best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup)
 
 
-def _save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
-    """One safetensors file (tensors + JSON metadata), replaced atomically: a kill leaves old or new."""
-    tensors = {k: getattr(state, k).contiguous() for k in _TENSORS}
-    particles, layout = state.particles, None
-    if particles is not None:
-        for i, p in enumerate(particles.states):
-            if p is not None:
-                tensors |= pack(p, f"particle.{i}.")
-        if particles.noise is not None:
-            tensors["particle_noise"] = particles.noise.contiguous()
-        layout = {"present": [p is not None for p in particles.states], "alive": particles.alive,
-                  "runs": particles.runs}
-    doc = {**state.to_doc(), "particles": layout, "meta_config": cfg.result_keys()}
-    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(doc)}))
-
-
-def _load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
-    path = out / CHECKPOINT
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        doc = json.loads(f.metadata()["state"])
-    saved = {"priors": ["uniform"], **doc["meta_config"]}  # checkpoints from before priors: the uniform mix
-    if saved != cfg.result_keys():
-        changed = sorted(k for k in cfg.result_keys() if saved.get(k) != cfg.result_keys()[k])
-        raise FileExistsError(f"{path} was written with other settings ({', '.join(changed)}): resume "
-                              "with the same settings or use a new --out")
-    tensors = load_file(path)
-    layout = doc.pop("particles")
-    doc.pop("meta_config")
-    doc.setdefault("backbone_warmup", cfg.config.backbone_warmup)  # before priors chose it: every run had it
-    particles = None
-    if layout is not None:
-        states = [unpack(tensors, f"particle.{i}.") if present else None
-                  for i, present in enumerate(layout["present"])]
-        particles = Particles(states, layout["alive"], tensors.get("particle_noise"), layout["runs"])
-    return TrainState(**doc, **{k: tensors[k] for k in _TENSORS}, particles=particles)
-
-
 def _open(out: Path, cfg: MetaConfig, resume: bool) -> TrainState | None:
     """The checkpoint to resume from (None: start fresh); refuses to overwrite one without `resume`."""
     if (out / CHECKPOINT).exists() and not resume:
         raise FileExistsError(f"{out} already holds a meta-training checkpoint: pass --resume (resume=True) "
                               "to continue it, or choose another output directory")
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_checkpoint(out, cfg) if resume else None
+    state = load_checkpoint(out, cfg) if resume else None
     metrics = out / METRICS
     kept = []
     if state is not None and metrics.exists():  # drop lines of iterations the checkpoint does not hold
@@ -384,7 +304,7 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
                   "steps": state.steps, "lr0": state.lr0}
         if lead:
             _log(out, record, writer)
-            _save_checkpoint(out, state, cfg)
+            save_checkpoint(out, state, cfg)
             _export(out, state, family, cfg, opt_config, horizon)
         writing = run.agree(time.perf_counter() - start) - took
         state.seconds += writing  # the budget is wall-clock: writing counts (from the next record's elapsed on)

@@ -1,0 +1,98 @@
+"""TrainState: what a meta-training run carries from iteration to iteration, and its checkpoint (one safetensors
+file: tensors, plus the rest as JSON metadata; never pickled)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from l3rs.io import atomic_write
+from l3rs.meta.config import MetaConfig
+from l3rs.meta.estimators import Particles
+from l3rs.meta.unroll import pack, unpack
+
+CHECKPOINT = "checkpoint.safetensors"
+_TENSORS = ("vector", "adam_m", "adam_v", "best_vector")
+
+
+@dataclass
+class TrainState:
+    """Everything a meta-training run carries from iteration to iteration (saved in the checkpoint)."""
+
+    iteration: int
+    vector: Tensor  # flat meta-parameters
+    adam_m: Tensor
+    adam_v: Tensor
+    best_vector: Tensor
+    lr0: float
+    lr0_sweep: dict[str, Any] | None
+    # val loss of the untrained optimizer, per validation horizon (None: the budget had no room to validate,
+    # so nothing is meta-trained and the untrained optimizer ships)
+    untrained_validation: list[float] | None
+    best_validation: list[float] | None  # the same for the best checkpoint so far
+    best_score: float  # worst log(best / untrained) over validation horizons (0: the untrained optimizer)
+    best_iteration: int
+    seconds: float
+    steps: int  # fine-tuning steps spent
+    validation_seconds: float = 0.0  # what the last validation took (budgets plan for the next one)
+    validation_total: float = 0.0  # what every validation so far took (reported: where the budget went)
+    horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
+    horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
+    # each validation seed's value per horizon, untrained and best (how far the mean is from noise)
+    untrained_validation_by_seed: list[list[float]] | None = None
+    best_validation_by_seed: list[list[float]] | None = None
+    prior: str = "uniform"  # the untrained optimizer it started from (`MetaConfig.priors`)
+    backbone_warmup: float = 0.0  # of the trained optimizer (its prior's: `MetaConfig.warmup_of`)
+    particles: Particles | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON part of the checkpoint (tensors and particles go to safetensors)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in (*_TENSORS, "particles")}
+
+
+
+def save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
+    """One safetensors file (tensors + JSON metadata), replaced atomically: a kill leaves old or new."""
+    tensors = {k: getattr(state, k).contiguous() for k in _TENSORS}
+    particles, layout = state.particles, None
+    if particles is not None:
+        for i, p in enumerate(particles.states):
+            if p is not None:
+                tensors |= pack(p, f"particle.{i}.")
+        if particles.noise is not None:
+            tensors["particle_noise"] = particles.noise.contiguous()
+        layout = {"present": [p is not None for p in particles.states], "alive": particles.alive,
+                  "runs": particles.runs}
+    doc = {**state.to_doc(), "particles": layout, "meta_config": cfg.result_keys()}
+    atomic_write(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(doc)}))
+
+
+def load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        doc = json.loads(f.metadata()["state"])
+    saved = {"priors": ["uniform"], **doc["meta_config"]}  # checkpoints from before priors: the uniform mix
+    if saved != cfg.result_keys():
+        changed = sorted(k for k in cfg.result_keys() if saved.get(k) != cfg.result_keys()[k])
+        raise FileExistsError(f"{path} was written with other settings ({', '.join(changed)}): resume "
+                              "with the same settings or use a new --out")
+    tensors = load_file(path)
+    layout = doc.pop("particles")
+    doc.pop("meta_config")
+    doc.setdefault("backbone_warmup", cfg.config.backbone_warmup)  # before priors chose it: every run had it
+    particles = None
+    if layout is not None:
+        states = [unpack(tensors, f"particle.{i}.") if present else None
+                  for i, present in enumerate(layout["present"])]
+        particles = Particles(states, layout["alive"], tensors.get("particle_noise"), layout["runs"])
+    return TrainState(**doc, **{k: tensors[k] for k in _TENSORS}, particles=particles)
