@@ -1,6 +1,7 @@
-"""Which horizon exponent α to ship when the budget has no room for the α sweep: each task's untrained optimizer
-(its swept λ0 and prior: `l3rs meta-train --iterations 0`) with α fixed at each of --exponents, evaluated on
-held-out seeds at 2x and 5x its horizon (α changes nothing up to 1x) against the tuned baselines; print JSON.
+"""How each task's long runs depend on the horizon exponent α (until session 32 this chose the fixed α that shipped
+when the budget had no room for the α sweep; the sweep now always runs): each task's untrained optimizer (its swept
+λ0 and prior: `l3rs meta-train --iterations 0`) with α fixed at each of --exponents, evaluated on held-out seeds at
+2x and 5x its horizon (α changes nothing up to 1x) against the tuned baselines; print JSON.
 
     python benchmarks/unswept_alpha.py [--tasks mnistcnn-digits,...] [--exponents 0,0.5] [--seeds 10]
                                        [--out runs/unswept-alpha] [--baselines-from docs/generalization]

@@ -444,7 +444,7 @@ def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation
     assert module._alpha_room(cfg, None, run, 0.0, H)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
 
 
-def test_a_budget_with_room_for_the_alpha_sweep_at_2x_only_fits_alpha_there(tmp_path, monkeypatch):
+def test_a_budget_without_room_for_the_alpha_sweep_at_4x_fits_alpha_at_2x(tmp_path, monkeypatch):
     module = sys.modules["l3rs.meta.train"]
     asked = []
 
@@ -457,16 +457,20 @@ def test_a_budget_with_room_for_the_alpha_sweep_at_2x_only_fits_alpha_there(tmp_
     monkeypatch.setattr(module, "_alpha_room", room)
     info = json.loads((train(stiff_task(), tmp_path, small(iterations=0, lr0=None, lr0_grid=(0.01, 0.03)),
                              progress=False) / "optimizer.json").read_text())
-    assert asked[:2] == [sweeps.long_sweep_steps(H), sweeps.long_sweep_steps(H, 2.0)]
+    assert asked[0] == sweeps.long_sweep_steps(H)  # only 4x asks: 2x runs anyway
     assert info["horizon_sweep"]["multiple"] == sweeps.SHORT_SWEEP
     assert info["config"]["horizon_exponent"] == info["horizon_sweep"]["horizon_exponent"]
 
 
-def test_a_budget_without_room_for_the_alpha_sweep_or_validation_ships_the_untrained_optimizer(tmp_path):
+def test_a_budget_without_room_for_the_sweeps_or_validation_still_sweeps_and_ships_the_untrained_optimizer(
+        tmp_path, capsys):
     cfg = small(iterations=5, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
-    info = json.loads((train(stiff_task(), tmp_path, cfg, progress=False) / "optimizer.json").read_text())
-    assert info["lr0_sweep"] is not None and info["horizon_sweep"] is None
-    assert info["config"]["horizon_exponent"] == sweeps.UNSWEPT_HORIZON_EXPONENT > 0  # no sweep: the 1/T prior
+    info = json.loads((train(stiff_task(), tmp_path, cfg, progress=True) / "optimizer.json").read_text())
+    assert "past the budget of 1e-06 minutes: they choose the untrained optimizer" in capsys.readouterr().out
+    # the α sweep runs at 2x past the budget, its first points only (no step down, no half steps fit)
+    assert info["lr0_sweep"] is not None and info["horizon_sweep"]["multiple"] == sweeps.SHORT_SWEEP
+    assert len(info["horizon_sweep"]["grid"]) == sweeps.LONG_SWEEP_START
+    assert info["config"]["horizon_exponent"] == info["horizon_sweep"]["horizon_exponent"]
     # no room for a first and a final validation: no meta-training at all, the swept λ0 ships untrained
     assert info["validation"] is None and info["untrained_validation"] is None and info["iteration"] == 0
     assert info["lr"] == info["lr0_sweep"]["lr0"]

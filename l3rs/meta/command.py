@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="fine-tuning steps per run (default: the task's)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help=f"wall-clock budget, λ0 and α sweeps included (default {DEFAULT_BUDGET_MINUTES:g} "
-                             "unless --iterations is given)")
+                             "unless --iterations is given); the λ0 sweep and the α sweep at 2x the horizon run "
+                             "whole even past it")
     parser.add_argument("--iterations", type=int, default=None,
                         help="meta-iterations (default: until the budget); 0: only the λ0 and α sweeps, "
                              "shipping the untrained optimizer")
@@ -93,8 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--horizon-exponent", type=float, default=None,
                         help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
                              "fitted by a sweep of the untrained optimizer at 4x the horizon, at 2x when the budget "
-                             "has no room for that, 1 (a step ∝ 1/T) when it has room for neither; 0: λ0 at any "
-                             "length)")
+                             "has no room for that, past the budget if need be; 0: λ0 at any length)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--priors", default=None,

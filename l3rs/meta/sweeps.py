@@ -52,14 +52,6 @@ LONG_SWEEP_POINTS = 5
 # task's α (0.71-0.75; its gain is 24% on every seed) and the MLP's (1.23-1.31): `docs/RESULTS.md` session 18.
 LONG_SWEEP_SEEDS = 2
 LONG_SWEEP_MARGIN = 0.2
-# α when the budget has no room for either sweep: 1, a step ∝ 1/T, so a run of any length moves the weights as far
-# from the pretrained ones in total as a run of the horizon does. Measured on the four tasks' untrained optimizers
-# (10 held-out seeds, `docs/RESULTS.md` session 30), it is the α whose worst ratio to the best tuned baseline at
-# 2x and 5x is lowest: α = 0 up to 1.77x (MLP 5x), 0.5 up to 1.21x, 0.75 up to 1.07x, 1 up to 1.015x (digits 5x, a
-# tie; the MLP 1.009x, worse). A step too small costs less than one too large: on the image tasks, where the sweep
-# fits α = 0, α = 1 turned their 5x "better" (0.87x, 0.88x at α = 0.5) into ties (0.97x, 1.015x); on the text task
-# and the MLP, where it fits 1.0-1.3, α = 0.5 left them 15% and 21% worse.
-UNSWEPT_HORIZON_EXPONENT = 1.0
 # The prior choice compares each prior's best λ0 on PRIOR_SEEDS training seeds (the sweep's and more): a later
 # prior replaces the first only if its mean is lower and it is lower on at least PRIOR_WIN_SHARE of the seeds.
 # Untrained mixes' 1x losses spread by 15-40% of the mean from seed to seed on digits: there the lowest 2-seed

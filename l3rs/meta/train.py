@@ -106,13 +106,10 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
     fit, first, room = None, *(_alpha_room(cfg, sweep, run, start, horizon, f) for f in (True, False))
-    tiers = (sweeps.LONG_SWEEP, sweeps.SHORT_SWEEP) if cfg.horizon_exponent is None else ()
-    # at 4x the horizon, or at 2x for half the cost where a heavier task's budget has no room for 4x
-    multiple = next((m for m in tiers if first(sweeps.long_sweep_steps(horizon, m))), None)
-    if multiple:
+    if cfg.horizon_exponent is None:  # at 4x the horizon, or at 2x (half the cost, past the budget if need be)
+        multiple = sweeps.LONG_SWEEP if first(sweeps.long_sweep_steps(horizon)) else sweeps.SHORT_SWEEP
         fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room, multiple)
-    exponent = (fit["horizon_exponent"] if fit else
-                sweeps.UNSWEPT_HORIZON_EXPONENT if cfg.horizon_exponent is None else cfg.horizon_exponent)
+    exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
@@ -229,13 +226,14 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                 priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
                            + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon ({sweeps.SHORT_SWEEP:g}x if "
-                                       "the budget is short) to fit α" if cfg.horizon_exponent is None else ""))
+                                       "the budget has no room for that) to fit α" if cfg.horizon_exponent is None
+                                       else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
             state.seconds = runner.agree(state.seconds)
-            if progress and runner.rank == 0 and cfg.horizon_exponent is None and state.horizon_sweep is None:
-                tqdm.write(f"meta-train: the budget leaves no room for the α sweep: α = {state.horizon_exponent:g} "
-                           "(runs of T steps longer than the horizon step with λ0·(horizon/T)^α); give a larger "
-                           "--budget-minutes or set --horizon-exponent")
+            if progress and runner.rank == 0 and cfg.budget_minutes and state.seconds > 60 * cfg.budget_minutes:
+                tqdm.write(f"meta-train: the λ0 and α sweeps took {state.seconds:.0f} s, past the budget of "
+                           f"{cfg.budget_minutes:g} minutes: they choose the untrained optimizer and always run "
+                           "(--lr0 and --horizon-exponent skip them)")
             if progress and runner.rank == 0 and state.untrained_validation is None and cfg.iterations > 0:
                 tqdm.write("meta-train: the budget leaves no room to validate meta-training: the untrained optimizer "
                            "ships with the swept λ0; give a larger --budget-minutes to meta-train")
