@@ -58,7 +58,6 @@ class TrainState:
                 if f.name not in (*_TENSORS, "particles")}
 
 
-
 def save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
     """One safetensors file (tensors + JSON metadata), replaced atomically: a kill leaves old or new."""
     tensors = {k: getattr(state, k).contiguous() for k in _TENSORS}
@@ -76,6 +75,7 @@ def save_checkpoint(out: Path, state: TrainState, cfg: MetaConfig) -> None:
 
 
 def load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
+    """The checkpoint in `out` (None: there is none); refuses one written with other result-determining settings."""
     path = out / CHECKPOINT
     if not path.is_file():
         return None
