@@ -197,3 +197,19 @@ def test_the_full_registered_task_builds():
     assert [len(p[0]) for p in (task.train, task.val, task.test)] == [300, 180, 180]
     assert [len(p[0]) for p in (heldout.train, heldout.val, heldout.test)] == [150, 60, 60]
     assert not _rows(task.train[0]) & _rows(heldout.test[0])
+
+
+def test_top3_variant_fine_tunes_three_blocks_on_the_same_data(family, one_thread):
+    assert {"minilm-top3-chatterbot", "minilm-top3-chatterbot:heldout"} <= set(T.names())
+    top3 = replace(text.TOP3_RECIPE, **{k: getattr(SMALL, k) for k in ("per_class", "heldout_per_class",
+                                                                        "batch_size", "horizon")})
+    assert replace(top3, name=SMALL.name, trainable_blocks=1) == SMALL  # only the name and the blocks differ
+    task, one = text.make_family(top3).base, family.base
+    assert torch.equal(task.train[1], one.train[1]) and task.train[0].shape == one.train[0].shape
+    assert not torch.allclose(task.train[0], one.train[0])  # the output of 3 frozen blocks, not of 5
+    model, small = task.model_fn(0), one.model_fn(0)
+    assert len(model.blocks) == 3 and sum(p.numel() for p in model.parameters()) > 2.9 * sum(
+        p.numel() for p in small.parameters())
+    assert torch.equal(model.blocks[2].ffn_in.weight, small.blocks[0].ffn_in.weight)  # MiniLM's top block on top
+    assert not torch.equal(model.blocks[0].ffn_in.weight, small.blocks[0].ffn_in.weight)
+    assert torch.isfinite(model(task.val[0])).all()

@@ -40,6 +40,7 @@ from . import data
 from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
 from .core import Pair, Task, TaskFamily, init_head, random_subset
 from .pretraining import pretrained_model
+from .text import TOP3_RECIPE
 from .text import factories as text_factories
 
 Splits = tuple[Pair, Pair, Pair]
@@ -272,4 +273,4 @@ def builtin_factories() -> dict[str, tuple[Callable[[], TaskFamily], str]]:
                 functools.partial(make_family, recipe, shift),
                 f"{recipe.description}; shift: {SHIFT_TEXT[shift]}",
             )
-    return out | text_factories()
+    return out | text_factories() | text_factories(TOP3_RECIPE)
