@@ -446,20 +446,20 @@ def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
 
 
 @pytest.mark.parametrize("seeds, iterations, rest", [
-    (50, 4, 500),  # two validations take 3000 steps (300 s): meta-training cannot run, the sweep may use it all
+    (50, 4, None),  # two validations take 3000 steps (300 s): meta-training cannot run, the sweep completes
     (1, 4, 380),  # they take 60 steps: 80%, the rest is meta-training's
-    (1, 0, 500)])  # --iterations 0: nothing else will run
+    (1, 0, None)])  # --iterations 0: nothing else will run
 def test_the_alpha_sweep_asks_for_its_own_steps_before_meta_trainings_validation(seeds, iterations, rest):
     """0.1 s per step (the λ0 sweep's pace), 10 s spent, a 1-minute budget: the α sweep's first points fit while
     10 s + their time stays within 80% of it (380 steps), however long the first validation would take; its
-    further points too, or within all of it (500 steps) when meta-training cannot run anyway."""
+    further points too, or whatever they take when meta-training cannot run anyway."""
     module = sys.modules["l3rs.meta.train"]
     cfg = small(budget_minutes=1.0, validation_seeds=seeds, iterations=iterations)
     run = types.SimpleNamespace(agree=lambda x: x)
     first, room = (module._alpha_room(cfg, {"seconds": 10.0, "steps": 100}, run, time.perf_counter() - 10.0, H, f)
                    for f in (True, False))
     assert first(370) and not first(390)
-    assert room(rest - 10) and not room(rest + 10)
+    assert room(370) and (room(10**9) if rest is None else not room(rest + 10))
     assert module._alpha_room(cfg, None, run, 0.0, H)(10**9)  # without a λ0 sweep (λ0 given): no budget to ask
 
 
@@ -486,9 +486,9 @@ def test_a_budget_without_room_for_the_sweeps_or_validation_still_sweeps_and_shi
     cfg = small(iterations=5, lr0=None, lr0_grid=(0.01, 0.03), budget_minutes=1e-6)
     info = json.loads((train(stiff_task(), tmp_path, cfg, progress=True) / "optimizer.json").read_text())
     assert "past the budget of 1e-06 minutes: they choose the untrained optimizer" in capsys.readouterr().out
-    # the α sweep runs at 2x past the budget, its first points only (no step down, no half steps fit)
+    # the α sweep runs at 2x past the budget, whole (nothing else can run): its first points and whatever follows
     assert info["lr0_sweep"] is not None and info["horizon_sweep"]["multiple"] == sweeps.SHORT_SWEEP
-    assert len(info["horizon_sweep"]["grid"]) == sweeps.LONG_SWEEP_START
+    assert len(info["horizon_sweep"]["grid"]) >= sweeps.LONG_SWEEP_START and not info["horizon_sweep"]["cut"]
     assert info["config"]["horizon_exponent"] == info["horizon_sweep"]["horizon_exponent"]
     # no room for a first and a final validation: no meta-training at all, the swept λ0 ships untrained
     assert info["validation"] is None and info["untrained_validation"] is None and info["iteration"] == 0

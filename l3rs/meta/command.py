@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help=f"wall-clock budget, λ0 and α sweeps included (default {DEFAULT_BUDGET_MINUTES:g} "
                              "unless --iterations is given); the λ0 sweep, and the α sweep's first points at 2x "
-                             "the horizon, run even past it")
+                             "the horizon, run even past it, and the rest of the α sweep too when nothing is left "
+                             "to meta-train")
     parser.add_argument("--iterations", type=int, default=None,
                         help="meta-iterations (default: until the budget); 0: only the λ0 and α sweeps, "
                              "shipping the untrained optimizer")
