@@ -34,7 +34,7 @@ LONG_SWEEP = 4.0  # multiple of the horizon of the second sweep that fits α (th
 # (α 0.88-0.96 and 1.38-1.49 on every pair, 0.99-1.04 and 1.23-1.31 at 4x; a 15% margin keeps neither), and on
 # minilm-top3-chatterbot, a heavy task that always takes this sweep, one seed's gain is 5.5-12%: a 7.5% margin kept
 # α = 0 on 4 pairs of 15, the training seeds meta-training uses among them, and that α = 0 left it 1.26x worse than the
-# best tuned baseline at 5x and 1.03x at 2x; its fitted α (0.82) 1.04x and 0.95x (better): `docs/RESULTS.md`
+# best tuned baseline at 5x and 1.03x at 2x; its fitted α (0.81) 1.04x and 0.95x (better): `docs/RESULTS.md`
 # session 33. At 5% (= 6%) it fits α 0.93-1.09 on every pair; digits fits α up to 0.75 on 2 pairs of 15 (7.5%: 1),
 # cnn04 1.4-1.6 on 10 (7.5%: 8; λ0 / 3 is 5% better than λ0 at 2x on its 6-seed mean, where λ0 is best at 4x). On
 # held-out seeds (session 29) cnn04's spurious α = 1.5 cost it 17% at 5x (a tie instead of better), while a missed α
