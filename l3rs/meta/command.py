@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="fine-tuning steps per run (default: the task's)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help=f"wall-clock budget, λ0 and α sweeps included (default {DEFAULT_BUDGET_MINUTES:g} "
-                             "unless --iterations is given); the λ0 sweep, and the α sweep's first points at 2x "
+                             "unless --iterations is given); the λ0 sweep, and the α sweep's first points at 4x "
                              "the horizon, run even past it, and the rest of the α sweep too when nothing is left "
                              "to meta-train")
     parser.add_argument("--iterations", type=int, default=None,
@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="λ0 (default: a sweep of the untrained optimizer)")
     parser.add_argument("--horizon-exponent", type=float, default=None,
                         help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
-                             "fitted by a sweep of the untrained optimizer at 4x the horizon, at 2x when the budget "
-                             "has no room for that, past the budget if need be; 0: λ0 at any length)")
+                             "fitted by a sweep of the untrained optimizer at 4x the horizon, past the budget if need "
+                             "be; 0: λ0 at any length)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--priors", default=None,

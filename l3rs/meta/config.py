@@ -40,8 +40,8 @@ class MetaConfig:
     lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5), extending the
         grid past an edge it picks.
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
-        None fits it from a second sweep of the untrained optimizer at 4x the horizon, at 2x when the budget
-        has no room for that, past the budget if need be (it replaces config.horizon_exponent).
+        None fits it from a second sweep of the untrained optimizer at 4x the horizon, past the budget if
+        need be (it replaces config.horizon_exponent).
     priors: the untrained optimizers meta-training may start from, first the default: "uniform" (every base
         alike) or a base's name (a mix leaning on it, `Config.init_meta`), either with "+warmup" (the backbone
         warm-up `config.backbone_warmup` on) or without (off). The λ0 sweep runs each; a later one replaces the

@@ -85,16 +85,16 @@ def _fits(cfg: MetaConfig, sweep: dict[str, Any] | None, steps: float, spent: fl
     return run.agree(spent) + pace * steps <= share * 60 * cfg.budget_minutes
 
 
-def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: float, horizon: int,
-                first: bool = False) -> Callable[[int], bool]:
-    """Whether so many more α-sweep steps fit 80% of the budget; its steps down and half steps (not `first`) run
+def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: float,
+                horizon: int) -> Callable[[int], bool]:
+    """Whether so many more α-sweep steps (its steps down and half steps) fit 80% of the budget; they run
     whatever they take when meta-training cannot run anyway (`--iterations 0`, or no room for its first and final
-    validation): α then decides what ships, and without its half steps the heavy minilm-top3-chatterbot's sweep
+    validation): α then decides what ships, and without its half steps the heavy minilm-top3-chatterbot's 2x sweep
     placed α at 0.81 where they place it at 0.94 (`docs/RESULTS.md`, session 33). It goes before meta-training: at
     5x α moved the text task's loss by 30%, meta-training its validation by 1% (sessions 27-29)."""
     def room(steps: int) -> bool:
         spent, validations = time.perf_counter() - start, 2 * validation_steps(cfg, horizon)
-        idle = not first and (cfg.iterations == 0 or not _fits(cfg, sweep, validations, spent, run))
+        idle = cfg.iterations == 0 or not _fits(cfg, sweep, validations, spent, run)
         return idle or _fits(cfg, sweep, steps, spent, run, 0.8)
     return room
 
@@ -106,10 +106,10 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     sweep = None if cfg.lr0 is not None else sweeps.prior_sweep(cfg, horizon, vectors, run)
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
-    fit, first, room = None, *(_alpha_room(cfg, sweep, run, start, horizon, f) for f in (True, False))
-    if cfg.horizon_exponent is None:  # at 4x the horizon, or at 2x (half the cost, past the budget if need be)
-        multiple = sweeps.LONG_SWEEP if first(sweeps.long_sweep_steps(horizon)) else sweeps.SHORT_SWEEP
-        fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup, room, multiple)
+    fit = None
+    if cfg.horizon_exponent is None:  # at 4x the horizon, its first points past the budget if need be
+        fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup,
+                                          _alpha_room(cfg, sweep, run, start, horizon))
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
@@ -226,9 +226,8 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
             if progress and runner.rank == 0 and cfg.lr0 is None:
                 priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
-                           + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon ({sweeps.SHORT_SWEEP:g}x if "
-                                       "the budget has no room for that) to fit α" if cfg.horizon_exponent is None
-                                       else ""))
+                           + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon to fit α"
+                                       if cfg.horizon_exponent is None else ""))
             state = _fresh_state(family, cfg, opt_config, horizon, runner)
             state.seconds = runner.agree(state.seconds)
             if progress and runner.rank == 0 and cfg.budget_minutes and state.seconds > 60 * cfg.budget_minutes:
