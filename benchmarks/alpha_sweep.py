@@ -12,9 +12,10 @@ run meets.
         [--multiple 2] [--margins 0.1,0.2] [--workers 2] > out.json
 
 `--margins` replays the pairs with other margins too (how much lower than λ0's each seed's loss at the sweep's best
-point must be for α > 0; the library's is SWEEP_MARGIN at either multiple): how often each one fits α > 0 on the
-same losses. `--stored out.json` replays an earlier output's losses instead of running (the library's rule may
-have changed since: its "margin" field is the rule of its day, until session 34 a margin on the mean).
+point must be for α > 0, unless their mean is SWEEP_MEAN_MARGIN lower; the library's is SWEEP_MARGIN at either
+multiple): how often each one fits α > 0 on the same losses. `--stored out.json` replays an earlier output's losses
+instead of running (the library's rule may have changed since: its "margin" field is the rule of its day, until
+session 34 a margin on the mean).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from l3rs.meta.sweeps import (
     LONG_SWEEP_POINTS,
     LONG_SWEEP_SEEDS,
     SWEEP_MARGIN,
+    SWEEP_MEAN_MARGIN,
     grid_ratio,
     horizon_exponent_fit,
     sweep_seeds,
@@ -124,7 +126,7 @@ def main() -> None:
     margin = SWEEP_MARGIN
     margins = sorted({margin, *(float(m) for m in args.margins.split(",") if m)})
     out: dict[str, Any] = {"machine": machine(), "multiple": args.multiple, "sweep_seeds": LONG_SWEEP_SEEDS,
-                           "margin": margin, "tasks": {}}
+                           "margin": margin, "mean_margin": SWEEP_MEAN_MARGIN, "tasks": {}}
     if args.stored:
         out |= {"machine": stored["machine"], "replayed": args.stored}  # the losses' machine, not this one's
     for task in stored["tasks"] if args.stored else args.tasks.split(","):
