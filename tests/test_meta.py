@@ -398,17 +398,24 @@ def test_vertex_of_three_points_with_uneven_spacing():
     assert sweeps._vertex(xs, [3.0, 2.0, 1.0, math.inf]) == 1.0  # a diverged neighbour: the lowest point
 
 
+def _replayed(cfg, rows: dict[int, list[float]], lr0: float, step: float):
+    """A sweep's `run` that reads stored losses: rows[seed][k] at λ0 / step^k, seed the index of the job's training
+    seed among the sweep's."""
+    seeds = sweep_seeds(cfg, 2)
+
+    def run(jobs):
+        return [Result(rows[seeds.index(j.run_seed)][round(math.log(lr0 / j.lr0) / math.log(step))], 0.0, None, None,
+                       j.steps) for j in jobs]
+    return run
+
+
 def test_one_seeds_spurious_gain_at_the_long_horizon_keeps_alpha_zero():
     cfg = small(lr0=0.09, lr0_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2))
     ratio = (3e-2 / 1e-4) ** (1 / 5)
     # measured 4x losses of the untrained optimizer on cnn04 (two training seeds, λ0 / ratio^k): the first
     # seed alone beats λ0 by 34% two grid steps down, the mean of both by 16% (the mean of 6 seeds was flat)
     rows = {0: [0.1549, 0.1224, 0.1155, 0.1269, 0.1501], 1: [0.1345, 0.1452, 0.1345, 0.1298, 0.1633]}
-    seeds = sweep_seeds(cfg, 2)
-
-    def run(jobs):
-        return [Result(rows[seeds.index(j.run_seed)][round(math.log(0.09 / j.lr0) / math.log(ratio))], 0.0,
-                       None, None, j.steps) for j in jobs]
+    run = _replayed(cfg, rows, 0.09, ratio)
 
     fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 0.09, run)
     assert fit["horizon_exponent"] == 0.0 and min(fit["val_loss"]) < fit["val_loss"][0]
@@ -425,11 +432,7 @@ def test_a_heavy_tasks_real_gain_at_2x_fits_alpha():
     # λ0 / half^k): the gains at the best point are 8.2% and 5.6%, and α = 0 there left the task 1.26x worse at 5x
     rows = {0: [0.7346, 0.7031, 0.6792, 0.6815, 0.7193, 0.7964, 0.9085, 1.0452, 1.1911],
             1: [0.6757, 0.656, 0.6401, 0.6485, 0.6947, 0.7785, 0.9024, 1.0538, 1.2147]}
-    seeds = sweep_seeds(cfg, 2)
-
-    def run(jobs):
-        return [Result(rows[seeds.index(j.run_seed)][round(math.log(1e-4 / j.lr0) / math.log(half))], 0.0,
-                       None, None, j.steps) for j in jobs]
+    run = _replayed(cfg, rows, 1e-4, half)
 
     fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 1e-4, run, multiple=2.0)
     assert fit["horizon_exponent"] == pytest.approx(0.94, abs=0.02) and len(fit["grid"]) == 5  # with half steps
@@ -445,11 +448,7 @@ def test_a_real_gain_on_every_seed_fits_alpha_at_4x_under_the_mean_margin():
     # alone, the rule until session 34, kept α = 0 on every pair of 5 seeds)
     rows = {0: [0.8297, 0.781, 0.7175, 0.6987, 0.8457, 1.1167, 1.3986, 1.5892, 1.6844],
             1: [0.7609, 0.7291, 0.6645, 0.6602, 0.8262, 1.1289, 1.4479, 1.6428, 1.7296]}
-    seeds = sweep_seeds(cfg, 2)
-
-    def run(jobs):
-        return [Result(rows[seeds.index(j.run_seed)][round(math.log(1e-4 / j.lr0) / math.log(half))], 0.0,
-                       None, None, j.steps) for j in jobs]
+    run = _replayed(cfg, rows, 1e-4, half)
 
     fit = horizon_exponent_fit(cfg, H, torch.zeros(1), 1e-4, run)
     assert fit["multiple"] == 4 and len(fit["grid"]) == 5  # its half steps ran
@@ -463,11 +462,7 @@ def test_a_large_mean_gain_one_noisy_seed_does_not_share_still_fits_alpha():
     # measured 4x losses of the quickstart's untrained optimizer (digits at horizon 60, λ0 / half^k, the sweep's two
     # training seeds): 64% lower than λ0 in the mean two grid steps down, where the second seed reads 6% higher
     rows = {0: [0.0477, 0.0231, 0.0144, 0.0219, 0.0281], 1: [0.0329, 0.0600, 0.0348, 0.0241, 0.0283]}
-    seeds = sweep_seeds(cfg, 2)
-
-    def run(jobs):
-        return [Result(rows[seeds.index(j.run_seed)][round(math.log(0.01 / j.lr0) / math.log(half))], 0.0,
-                       None, None, j.steps) for j in jobs]
+    run = _replayed(cfg, rows, 0.01, half)
 
     assert horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01, run)["horizon_exponent"] == pytest.approx(1.13, abs=0.01)
     assert horizon_exponent_fit(cfg, H, torch.zeros(1), 0.01, run, mean_margin=1.0)["horizon_exponent"] == 0.0

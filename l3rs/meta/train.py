@@ -90,7 +90,7 @@ def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: 
     """Whether so many more α-sweep steps (its steps down and half steps) fit 80% of the budget; they run
     whatever they take when meta-training cannot run anyway (`--iterations 0`, or no room for its first and final
     validation): α then decides what ships, and without its half steps the heavy minilm-top3-chatterbot's 2x sweep
-    placed α at 0.81 where they place it at 0.94 (`docs/RESULTS.md`, session 33). It goes before meta-training: at
+    placed α at 0.81 where they placed it at 0.94 (`docs/RESULTS.md`, session 33). It goes before meta-training: at
     5x α moved the text task's loss by 30%, meta-training its validation by 1% (sessions 27-29)."""
     def room(steps: int) -> bool:
         spent, validations = time.perf_counter() - start, 2 * validation_steps(cfg, horizon)
