@@ -78,9 +78,9 @@ class TextRecipe:
 
 RECIPE = TextRecipe()
 # The same data with the top 3 blocks fine-tuned (5.3M weights, ~0.11 s per AdamW step, ~2.3x the top block's):
-# runs of its horizon take ~13 s on one thread, too heavy for the α sweep at 4x in the default 5 minutes, so it
-# takes the path that heavier environments take (a 2x α sweep, no room to meta-train); with LayerNorm, where
-# effnet-mnist, the other heavy task, has BatchNorm
+# runs of its horizon take ~13 s on one thread, so its λ0 and α sweeps overrun the default 5 minutes and leave no
+# room to meta-train, the path heavier environments take; with LayerNorm, where effnet-mnist, the other heavy task,
+# has BatchNorm
 TOP3_RECIPE = TextRecipe(name="minilm-top3-chatterbot", trainable_blocks=3)
 
 
