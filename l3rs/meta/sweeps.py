@@ -22,6 +22,11 @@ from l3rs.seeds import seed_of
 # walk from 0.27 to 0.81 (13% lower 1x loss on training seeds), which then tied at 1x, won at 2x/5x and lost the
 # rotated shift (1.17 worse) on held-out seeds: `docs/RESULTS.md` session 25.
 GRID_EXTENSIONS = 2
+# The kept λ0 sweep ends with the half grid steps either side of its best point on the same seeds, and λ0 is the
+# vertex of the parabola through log(loss) over log(λ) at the lowest point and its two neighbours: the grid is
+# about half a decade a step, and where the loss rises faster on one side of the best grid point than on the other
+# the best λ lies off it. On minilm-chatterbot the grid's 3e-4 left the untrained optimizer 0.7% worse than the
+# tuned AdamW-cosine at 1x, the vertex of the grid's three points (4.1e-4) 0.8% better (`docs/RESULTS.md` session 35)
 # The λ0 sweep starts at the grid's middle points (the upper middle for an even grid) and walks one point at a
 # time toward the better edge until the best is bracketed: the full grid's choice whenever the loss is unimodal
 # in λ (every sweep stored so far), without the runs far from the best (on digits 3 points of 6)
@@ -152,9 +157,6 @@ def refine_lr0(cfg: MetaConfig, horizon: int, vector: Tensor, sweep: dict[str, A
     """`sweep` (an `lr0_sweep` result) with the half grid steps either side of its best λ0 run on the same seeds,
     and λ0 the vertex (`_vertex`) over log(λ) of all its points: between the neighbours of the lowest one. The
     grid's λ0 stays in "grid_lr0"; a sweep whose best run diverged comes back unchanged."""
-    # the grid is about half a decade a step, and where the loss rises faster on one side of its best point than
-    # on the other the best λ lies off the grid: on minilm-chatterbot the grid's 3e-4 left the untrained optimizer
-    # 0.7% worse than the tuned AdamW-cosine at 1x, the placed 3.85e-4 1% better (`docs/RESULTS.md`, session 35)
     start = time.perf_counter()
     grid, losses = sweep["grid"], sweep["val_loss"]
     best = _argmin(losses)
