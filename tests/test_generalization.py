@@ -294,20 +294,14 @@ def test_prior_sweep_keeps_the_first_prior_unless_another_is_lower_on_3_of_4_see
     seen: dict[str, list] = {name: [] for name in cfg.priors}
     lower = {"uniform+warmup": [0.5, 0.5, 0.5, 0.5], "uniform": [0.6, 0.6, 0.6, 0.6], "adam": [0.4, 0.45, 0.3, 0.4]}
     sweep = prior_sweep(cfg, H, vectors, _prior_runs(seen, lower))
-    assert sweep["prior"] == "adam" and sweep["grid_lr0"] == pytest.approx(1e-2)
-    assert sweep["lr0"] == pytest.approx(1e-2, rel=0.01)  # refined by its half steps (the fake loss peaks at 1e-2)
+    assert sweep["prior"] == "adam" and sweep["lr0"] == pytest.approx(1e-2)
     assert sweep["priors"]["uniform+warmup"]["lr0"] == pytest.approx(3e-3)
     assert sweep["priors"]["adam"]["by_seed"] == pytest.approx(lower["adam"])  # 2 sweep seeds, 2 more at its λ0
     assert sweep["priors"]["adam"]["mean"] == pytest.approx(0.3875)
-    first_tried = list(dict.fromkeys(lr for lr, _, _ in seen["adam"]))[:3]
-    assert sorted(first_tried) == pytest.approx([1e-3, 3e-3, 1e-2])  # around the first λ0
+    assert sorted({lr for lr, _, _ in seen["adam"]})[:3] == pytest.approx([1e-3, 3e-3, 1e-2])  # around the first λ0
     assert {w for _, _, w in seen["uniform+warmup"]} == {0.3} and {w for _, _, w in seen["adam"]} == {0.0}
     points = sum(len(p["grid"]) for p in sweep["priors"].values())
-    assert sweep["steps"] == (points * 2 + 3 * 2 + 2 * 2) * H  # + the half steps either side of adam's λ0
-    grid = sweep["priors"]["adam"]["grid"]
-    i = grid.index(pytest.approx(1e-2))
-    halves = [(grid[i - 1] * grid[i]) ** 0.5, (grid[i] * grid[i + 1]) ** 0.5]
-    assert sweep["grid"] == pytest.approx(sorted([*grid, *halves]))
+    assert sweep["steps"] == (points * 2 + 3 * 2) * H and sweep["grid"] == sweep["priors"]["adam"]["grid"]
     assert prior_sweep(cfg, H, vectors, _prior_runs(seen, {**lower, "adam": [0.3, 0.3, 0.3, 0.9]}))["prior"] == "adam"
     # lower on 2 seeds of 4, on 3 but not in the mean, or equal: the first prior stays
     for adam in ([0.3, 0.3, 0.55, 0.55], [0.45, 0.45, 0.45, 0.9], [0.5, 0.5, 0.5, 0.5]):

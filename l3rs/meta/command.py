@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--second-order", action="store_true",
                         help="bptt: differentiate through the model's gradients too (exact, ~2x slower)")
     parser.add_argument("--lr0", type=float, default=None,
-                        help="λ0 (default: a sweep of the untrained optimizer, placed between its grid points)")
+                        help="λ0 (default: a sweep of the untrained optimizer)")
     parser.add_argument("--horizon-exponent", type=float, default=None,
                         help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
                              "fitted by a sweep of the untrained optimizer at 4x the horizon, past the budget if need "
@@ -196,11 +196,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"priors (mean of {seeds} training seeds at each one's λ0): " + ", ".join(
                 f"{name} {s['mean']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
                   + f"; kept {info['prior']} ({why})")
-        sweep = info["lr0_sweep"]
-        if sweep and "grid_lr0" in sweep:  # how λ0 came off the grid: the half steps around its best point
-            print(f"λ0 sweep of {info['prior']} (mean of {cfg.lr0_seeds} training seeds): "
-                  + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(sweep["grid"], sweep["val_loss"], strict=True))
-                  + f"; λ0 {sweep['lr0']:.3g} (vertex at the lowest point; the grid's best {sweep['grid_lr0']:.3g})")
         long = info["horizon_sweep"]
         if long:  # why α is what it is: the untrained optimizer's long-run losses over λ
             print(f"α sweep at {long['multiple']:g}x the horizon (mean of {LONG_SWEEP_SEEDS} training seeds): "

@@ -22,11 +22,6 @@ from l3rs.seeds import seed_of
 # walk from 0.27 to 0.81 (13% lower 1x loss on training seeds), which then tied at 1x, won at 2x/5x and lost the
 # rotated shift (1.17 worse) on held-out seeds: `docs/RESULTS.md` session 25.
 GRID_EXTENSIONS = 2
-# The kept λ0 sweep ends with the half grid steps either side of its best point on the same seeds, and λ0 is the
-# vertex of the parabola through log(loss) over log(λ) at the lowest point and its two neighbours: the grid is
-# about half a decade a step, and where the loss rises faster on one side of the best grid point than on the other
-# the best λ lies off it. On minilm-chatterbot the grid's 3e-4 left the untrained optimizer 0.7% worse than the
-# tuned AdamW-cosine at 1x, the vertex of the grid's three points (4.1e-4) 0.8% better (`docs/RESULTS.md` session 35)
 # The λ0 sweep starts at the grid's middle points (the upper middle for an even grid) and walks one point at a
 # time toward the better edge until the best is bracketed: the full grid's choice whenever the loss is unimodal
 # in λ (every sweep stored so far), without the runs far from the best (on digits 3 points of 6)
@@ -152,35 +147,12 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
             "seconds": time.perf_counter() - start, "steps": steps}
 
 
-def refine_lr0(cfg: MetaConfig, horizon: int, vector: Tensor, sweep: dict[str, Any], run: Any,
-               warmup: float = 0.0) -> dict[str, Any]:
-    """`sweep` (an `lr0_sweep` result) with the half grid steps either side of its best λ0 run on the same seeds,
-    and λ0 the vertex (`_vertex`) over log(λ) of all its points: between the neighbours of the lowest one. The
-    grid's λ0 stays in "grid_lr0"; a sweep whose best run diverged comes back unchanged."""
-    start = time.perf_counter()
-    grid, losses = sweep["grid"], sweep["val_loss"]
-    best = _argmin(losses)
-    if not math.isfinite(losses[best]):
-        return sweep
-    ratio = grid_ratio(tuple(grid))
-    below = grid[best] / grid[best - 1] if best > 0 else ratio
-    above = grid[best + 1] / grid[best] if best < len(grid) - 1 else ratio
-    halves = [grid[best] / math.sqrt(below), grid[best] * math.sqrt(above)]
-    more, _, steps = _sweep_losses(cfg, horizon, vector, halves, run, warmup=warmup)
-    pairs = sorted(zip([*grid, *halves], [*losses, *more], strict=True))
-    lrs, values = [lr for lr, _ in pairs], [v for _, v in pairs]
-    lr0 = math.exp(_vertex([math.log(lr) for lr in lrs], values))
-    return {**sweep, "grid": lrs, "val_loss": values, "lr0": lr0, "grid_lr0": sweep["lr0"],
-            "seconds": sweep["seconds"] + time.perf_counter() - start, "steps": sweep["steps"] + steps}
-
-
 def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: Any) -> dict[str, Any]:
     """The λ0 sweep of each prior's untrained optimizer (`vectors`, in `cfg.priors` order; the later ones
     start around the first one's λ0) on the same seeds, then each one's best λ0 on more training seeds (up to
     PRIOR_SEEDS). A later prior replaces the first only if its mean is lower and it is lower on
-    PRIOR_WIN_SHARE of the seeds (the lowest mean of those that are). Returns the kept sweep, refined
-    (`refine_lr0`), with "prior", every prior's sweep under "priors" (with its per-seed losses at its grid λ0),
-    and the seconds and steps."""
+    PRIOR_WIN_SHARE of the seeds (the lowest mean of those that are). Returns the kept sweep with "prior",
+    every prior's sweep under "priors" (with its per-seed losses at its λ0), and the seconds and steps."""
     start = time.perf_counter()
     first, *others = vectors
     sweeps = {first: lr0_sweep(cfg, horizon, vectors[first], run, warmup=cfg.warmup_of(first))}
@@ -206,9 +178,7 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
     needed = prior_wins_needed(len(by_seed[first]))
     lower = [name for name in others if mean(name) < mean(first) and wins(name) >= needed]
     kept = min(lower, key=mean) if lower else first
-    refined = refine_lr0(cfg, horizon, vectors[kept], sweeps[kept], run, cfg.warmup_of(kept))
-    steps += refined["steps"] - sweeps[kept]["steps"]
-    kept_sweep = {k: v for k, v in refined.items() if k != "best_by_seed"}  # in "priors" with more seeds
+    kept_sweep = {k: v for k, v in sweeps[kept].items() if k != "best_by_seed"}  # in "priors" with more seeds
     return {**kept_sweep, "prior": kept,
             "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["lr0"],
                               "by_seed": by_seed[name], "mean": mean(name)} for name, s in sweeps.items()},

@@ -60,8 +60,8 @@ def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "un
 
 def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None = None,
              workers: int | None = None) -> float:
-    """The best λ0 of the untrained L3RS (the first of `config.priors`) on a log grid, refined by its half steps
-    (SPEC §5: the untrained optimizer is λ0-sensitive)."""
+    """The best λ0 of the untrained L3RS (the first of `config.priors`) on a log grid (SPEC §5: the untrained
+    optimizer is λ0-sensitive)."""
     family = _family(family)
     horizon = horizon or config.horizon or family.base.horizon
     opt_config = optimizer_config(config, horizon)
@@ -69,9 +69,7 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
                     workers or config.workers)
     try:
         vector = initial_vector(opt_config, config.seed, len(_tensors(family)[0]), config.priors[0])
-        warmup = config.warmup_of(config.priors[0])
-        sweep = sweeps.lr0_sweep(config, horizon, vector, runner, warmup=warmup)
-        return sweeps.refine_lr0(config, horizon, vector, sweep, runner, warmup)["lr0"]
+        return sweeps.lr0_sweep(config, horizon, vector, runner, warmup=config.warmup_of(config.priors[0]))["lr0"]
     finally:
         runner.close()
 
