@@ -294,7 +294,8 @@ def test_prior_sweep_keeps_the_first_prior_unless_another_is_lower_on_3_of_4_see
     seen: dict[str, list] = {name: [] for name in cfg.priors}
     lower = {"uniform+warmup": [0.5, 0.5, 0.5, 0.5], "uniform": [0.6, 0.6, 0.6, 0.6], "adam": [0.4, 0.45, 0.3, 0.4]}
     sweep = prior_sweep(cfg, H, vectors, _prior_runs(seen, lower))
-    assert sweep["prior"] == "adam" and sweep["lr0"] == pytest.approx(1e-2)
+    assert sweep["prior"] == "adam" and sweep["grid_lr0"] == pytest.approx(1e-2)
+    assert sweep["lr0"] == pytest.approx(1e-2, rel=0.02) == sweep["priors"]["adam"]["placed_lr0"]
     assert sweep["priors"]["uniform+warmup"]["lr0"] == pytest.approx(3e-3)
     assert sweep["priors"]["adam"]["by_seed"] == pytest.approx(lower["adam"])  # 2 sweep seeds, 2 more at its λ0
     assert sweep["priors"]["adam"]["mean"] == pytest.approx(0.3875)

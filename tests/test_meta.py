@@ -27,7 +27,7 @@ from l3rs.finetune import finetune
 from l3rs.io import single_thread
 from l3rs.meta import MetaConfig, sweeps, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
-from l3rs.meta.sweeps import PRIOR_SEEDS, horizon_exponent_fit, lr0_sweep, sweep_seeds
+from l3rs.meta.sweeps import PRIOR_SEEDS, horizon_exponent_fit, lr0_sweep, placed_lr0, sweep_seeds
 from l3rs.meta.train import initial_vector
 from l3rs.meta.unroll import Job, Result, Worker, linearized_grad, pack, unpack
 from l3rs.tasks import Task, TaskFamily
@@ -270,11 +270,32 @@ def test_lr0_sweep_is_recorded_and_picks_the_grid_minimum(tmp_path):
     # λ0 = 10 it would pull the weights back every step, and the toy's "diverging" point would not diverge
     cfg = small(lr0=None, lr0_grid=(1e-4, 0.03, 10.0), iterations=1, priors=("uniform",),
                 config=functional.Config(normalize="snr", weight_decay=0.0))
-    assert tune_lr0(stiff_task(), cfg) == 0.03
+    lr0 = tune_lr0(stiff_task(), cfg)
     best = train(stiff_task(), tmp_path, cfg, progress=False)
     sweep = json.loads((best / "optimizer.json").read_text())["lr0_sweep"]
-    assert sweep["grid"] == [1e-4, 0.03, 10.0] and sweep["lr0"] == 0.03 and sweep["seconds"] > 0
+    assert sweep["grid"] == [1e-4, 0.03, 10.0] and sweep["grid_lr0"] == 0.03 and sweep["seconds"] > 0
     assert min(sweep["val_loss"]) == sweep["val_loss"][1] and sweep["steps"] <= 3 * 2 * H
+    assert sweep["lr0"] == lr0 == placed_lr0(sweep["grid"], sweep["val_loss"], sweep["val_loss_by_seed"])
+    assert 1e-4 < lr0 < 10.0 and json.loads((best / "optimizer.json").read_text())["lr"] == pytest.approx(lr0)
+
+
+def test_placed_lr0_moves_off_the_grid_only_to_a_side_every_seed_agrees_on():
+    grid = [1e-3, 1e-2, 1e-1]
+    # the loss rises slowly above 1e-2 and steeply below it: the vertex lies above, toward 1e-1
+    lopsided = [[1.6, 1.8], [1.0, 1.1], [1.2, 1.3]]  # per point, the losses on 2 seeds
+    mean = [sum(v) / 2 for v in lopsided]
+    lr0 = placed_lr0(grid, mean, lopsided)
+    assert 1e-2 < lr0 < 1e-1 and lr0 == pytest.approx(math.exp(sweeps._vertex([math.log(x) for x in grid], mean)))
+    # one seed's vertex lies below the best point (its low side is the flatter one): the grid's best stays
+    disagree = [[1.8, 1.15], [1.0, 1.1], [1.2, 1.8]]
+    assert placed_lr0(grid, [sum(v) / 2 for v in disagree], disagree) == 1e-2
+    # a diverged neighbour (inf) on one seed, or the best at the grid's edge: no vertex, the grid's best
+    diverged = [[1.6, 1.8], [1.0, 1.1], [1.2, math.inf]]
+    assert placed_lr0(grid, [sum(v) / 2 for v in diverged], diverged) == 1e-2
+    cliff = [[1.6, 1.8], [1.0, 1.1], [30.0, 26.0]]  # a neighbour 2x the best or more: a cliff, not a parabola
+    assert placed_lr0(grid, [sum(v) / 2 for v in cliff], cliff) == 1e-2
+    edge = [[0.5, 0.6], [1.0, 1.1], [1.2, 1.3]]
+    assert placed_lr0(grid, [sum(v) / 2 for v in edge], edge) == 1e-3
 
 
 def _fake_run(loss_of_lr):
@@ -288,13 +309,14 @@ def test_lr0_sweep_extends_the_grid_past_an_edge():
     cfg = small(lr0=None, lr0_grid=(1e-3, 1e-2), lr0_seeds=1)
     # best λ0 = 0.5: two grid steps above the top (0.1, 1.0) reach past it; the loss is quadratic in log λ
     sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 0.5) ** 2))
-    assert sweep["grid"] == pytest.approx([1e-3, 1e-2, 0.1, 1.0]) and sweep["lr0"] == pytest.approx(1.0)
+    assert sweep["grid"] == pytest.approx([1e-3, 1e-2, 0.1, 1.0]) and sweep["lr0"] == pytest.approx(1.0)  # edge
     assert sweep["steps"] == 4 * H
     sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 2e-5) ** 2))
     assert sweep["grid"] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2]) and sweep["lr0"] == pytest.approx(1e-5)
     cfg = small(lr0=None, lr0_grid=(1e-3, 1e-2, 0.1), lr0_seeds=1)
-    sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 0.012) ** 2))
-    assert sweep["grid"] == [1e-3, 1e-2, 0.1] and sweep["lr0"] == 1e-2  # an interior best: no extension
+    sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + 0.3 * math.log10(lr / 0.012) ** 2))
+    assert sweep["grid"] == [1e-3, 1e-2, 0.1] and sweep["grid_lr0"] == 1e-2  # an interior best: no extension
+    assert sweep["lr0"] == pytest.approx(0.012, rel=0.05)  # placed between the points, near the true best
 
 
 def test_lr0_sweep_walks_from_the_middle_of_the_grid_until_the_best_is_bracketed():
@@ -307,10 +329,11 @@ def test_lr0_sweep_walks_from_the_middle_of_the_grid_until_the_best_is_bracketed
 
     sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(loss))
     # the full grid plus its extensions would pick 0.09 too, after 8 points instead of 6
-    assert sweep["grid"] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2, 0.09, 0.27]) and sweep["lr0"] == pytest.approx(0.09)
+    assert sweep["grid"] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2, 0.09, 0.27])
+    assert sweep["grid_lr0"] == pytest.approx(0.09) and sweep["lr0"] == pytest.approx(0.07, rel=0.05)
     assert sweep["steps"] == 6 * 2 * H and sorted(set(seen)) == pytest.approx(sweep["grid"])
     sweep = lr0_sweep(cfg, H, torch.zeros(1), _fake_run(lambda lr, n: 1 + math.log10(lr / 3e-3) ** 2))
-    assert sweep["grid"] == pytest.approx([1e-3, 3e-3, 1e-2]) and sweep["lr0"] == pytest.approx(3e-3)
+    assert sweep["grid"] == pytest.approx([1e-3, 3e-3, 1e-2]) and sweep["lr0"] == pytest.approx(3e-3, rel=0.05)
     # every run diverged: a smaller λ is the way out, down to the last extension
     sweep = lr0_sweep(cfg, H, torch.zeros(1),
                       _fake_run(lambda lr, n: math.inf if lr > 2e-4 else 1 + math.log10(lr / 1e-4) ** 2))

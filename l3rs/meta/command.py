@@ -196,6 +196,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"priors (mean of {seeds} training seeds at each one's λ0): " + ", ".join(
                 f"{name} {s['mean']:.4g} at λ0 {s['lr0']:.3g}" for name, s in priors.items())
                   + f"; kept {info['prior']} ({why})")
+        sweep = info["lr0_sweep"]
+        if sweep:  # where λ0 came from: the grid's best, or between its points where every seed agrees on the side
+            where = ("the grid's best: the seeds' vertices are not all on one side" if sweep["lr0"] == sweep["grid_lr0"]
+                     else f"between the grid's points: every seed's vertex is on that side of {sweep['grid_lr0']:.3g}")
+            print(f"λ0 sweep of {info['prior']} (mean of {cfg.lr0_seeds} training seeds): "
+                  + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(sweep["grid"], sweep["val_loss"], strict=True))
+                  + f"; λ0 {sweep['lr0']:.3g} ({where})")
         long = info["horizon_sweep"]
         if long:  # why α is what it is: the untrained optimizer's long-run losses over λ
             print(f"α sweep at {long['multiple']:g}x the horizon (mean of {LONG_SWEEP_SEEDS} training seeds): "

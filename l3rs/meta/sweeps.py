@@ -59,6 +59,11 @@ SWEEP_MEAN_MARGIN = 0.2
 # the 2-seed mean: 8% and 1.5%. Every rule kept the text task's and the MLP's choice.
 PRIOR_SEEDS = 4
 PRIOR_WIN_SHARE = 0.75
+# λ0 is placed between the grid's points (`placed_lr0`) only when both neighbours of the best read under PLACE_CLIFF x
+# its loss: a parabola does not describe a cliff. effnet-mnist's 1e-2 reads 15x its best (28 vs 1.86 at 3e-3), and the
+# vertex it set, 1.88e-3, read 2.5x 3e-3's loss at 4x on the same seeds (0.66 vs 0.26, `docs/RESULTS.md` session 36);
+# the neighbours that placed it elsewhere read 1.05-1.5x the best.
+PLACE_CLIFF = 2.0
 
 
 def prior_wins_needed(seeds: int) -> int:
@@ -116,7 +121,8 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
     """Validation loss of the untrained L3RS (backbone warm-up `warmup`) on `cfg.lr0_seeds` training seeds over
     `cfg.lr0_grid`, from LR0_START_POINTS points (the grid's middle ones, or those around `center`) toward the
     better edge until the best is bracketed; past an edge of the grid by up to GRID_EXTENSIONS steps of its
-    ratio. A sweep whose every run diverged walks down."""
+    ratio. A sweep whose every run diverged walks down. "lr0" is placed between the grid's points (`placed_lr0`),
+    "grid_lr0" is the grid's best."""
     start = time.perf_counter()
     candidates, offset = _candidates(cfg.lr0_grid)
     if center is None:  # within the grid itself
@@ -143,28 +149,48 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
         steps += more
     grid = candidates[low:high]
     best = _argmin(losses)
-    return {"grid": grid, "val_loss": losses, "lr0": grid[best], "best_by_seed": by_seed[best],
-            "seconds": time.perf_counter() - start, "steps": steps}
+    return {"grid": grid, "val_loss": losses, "val_loss_by_seed": by_seed, "lr0": placed_lr0(grid, losses, by_seed),
+            "grid_lr0": grid[best], "best_by_seed": by_seed[best], "seconds": time.perf_counter() - start,
+            "steps": steps}
+
+
+def placed_lr0(grid: list[float], losses: list[float], by_seed: list[list[float]]) -> float:
+    """λ0 between the grid's points: the vertex (`_vertex`) over log(λ) of the mean `losses` at their lowest point
+    and its neighbours, when both neighbours read under PLACE_CLIFF x the lowest and every seed's own vertex
+    (`by_seed`: per point, the losses per seed) lies on the same side of that point; otherwise the lowest point."""
+    # at the default budget most tasks ship the untrained optimizer, so the grid's half-decade resolution is its
+    # λ0's: minilm-chatterbot's sweep (0.97 / 0.67 / 0.75 at 1e-4 / 3e-4 / 1e-3) left it 0.7% worse than the tuned
+    # AdamW-cosine at 1x, where 4.1e-4 is 0.8% better. Half steps run on two seeds moved digits' λ0 by noise and cost
+    # its 2x win (`docs/RESULTS.md` session 35); a side every seed agrees on costs no runs and no seed overrules.
+    logs = [math.log(lr) for lr in grid]
+    best, vertex = _argmin(losses), _vertex(logs, losses)
+    if not 0 < best < len(grid) - 1 or max(losses[best - 1], losses[best + 1]) >= PLACE_CLIFF * losses[best]:
+        return grid[best]
+    side = vertex - logs[best]
+    seeds = [list(seed) for seed in zip(*by_seed, strict=True)]
+    agree = side != 0 and all((_vertex(logs, seed) - logs[best]) * side > 0 for seed in seeds)
+    return math.exp(vertex) if agree else grid[best]
 
 
 def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: Any) -> dict[str, Any]:
     """The λ0 sweep of each prior's untrained optimizer (`vectors`, in `cfg.priors` order; the later ones
-    start around the first one's λ0) on the same seeds, then each one's best λ0 on more training seeds (up to
+    start around the first one's grid λ0) on the same seeds, then each one's grid λ0 on more training seeds (up to
     PRIOR_SEEDS). A later prior replaces the first only if its mean is lower and it is lower on
-    PRIOR_WIN_SHARE of the seeds (the lowest mean of those that are). Returns the kept sweep with "prior",
-    every prior's sweep under "priors" (with its per-seed losses at its λ0), and the seconds and steps."""
+    PRIOR_WIN_SHARE of the seeds (the lowest mean of those that are). Returns the kept sweep (its "lr0" placed)
+    with "prior", every prior's sweep under "priors" (with its per-seed losses at its grid λ0), and the seconds and
+    steps."""
     start = time.perf_counter()
     first, *others = vectors
     sweeps = {first: lr0_sweep(cfg, horizon, vectors[first], run, warmup=cfg.warmup_of(first))}
     for name in others:
-        sweeps[name] = lr0_sweep(cfg, horizon, vectors[name], run, center=sweeps[first]["lr0"],
+        sweeps[name] = lr0_sweep(cfg, horizon, vectors[name], run, center=sweeps[first]["grid_lr0"],
                                  warmup=cfg.warmup_of(name))
     by_seed = {name: list(s["best_by_seed"]) for name, s in sweeps.items()}
     steps = sum(s["steps"] for s in sweeps.values())
     extra = sweep_seeds(cfg, PRIOR_SEEDS)[cfg.lr0_seeds:] if others else []
     if extra:
         results = run([job for name, s in sweeps.items()
-                       for job in _jobs(vectors[name], [s["lr0"]], extra, horizon, cfg.warmup_of(name))])
+                       for job in _jobs(vectors[name], [s["grid_lr0"]], extra, horizon, cfg.warmup_of(name))])
         for name, losses in zip(sweeps, grouped_objectives(results, len(extra)), strict=True):
             by_seed[name] += losses
         steps += sum(r.steps for r in results)
@@ -180,8 +206,9 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
     kept = min(lower, key=mean) if lower else first
     kept_sweep = {k: v for k, v in sweeps[kept].items() if k != "best_by_seed"}  # in "priors" with more seeds
     return {**kept_sweep, "prior": kept,
-            "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["lr0"],
-                              "by_seed": by_seed[name], "mean": mean(name)} for name, s in sweeps.items()},
+            "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["grid_lr0"],
+                              "placed_lr0": s["lr0"], "by_seed": by_seed[name], "mean": mean(name)}
+                       for name, s in sweeps.items()},
             "seconds": time.perf_counter() - start, "steps": steps}
 
 

@@ -60,8 +60,8 @@ def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "un
 
 def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None = None,
              workers: int | None = None) -> float:
-    """The best λ0 of the untrained L3RS (the first of `config.priors`) on a log grid (SPEC §5: the untrained
-    optimizer is λ0-sensitive)."""
+    """The best λ0 of the untrained L3RS (the first of `config.priors`) on a log grid, placed between its points
+    where the sweep's seeds agree (`sweeps.placed_lr0`; SPEC §5: the untrained optimizer is λ0-sensitive)."""
     family = _family(family)
     horizon = horizon or config.horizon or family.base.horizon
     opt_config = optimizer_config(config, horizon)
