@@ -727,6 +727,9 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
     assert info["seconds_by_phase"]["sweeps"] > 0 and info["seconds_by_phase"]["validation"] == 0
     assert info["iteration"] == info["best_iteration"] == 0 and info["validation"] is None
     assert info["lr"] == info["lr0_sweep"]["lr0"] and info["horizon_sweep"] is not None  # both sweeps ran
+    sweep = info["lr0_sweep"]
+    assert f"λ0 sweep of {info['prior']} (mean of 2 training seeds): λ {sweep['grid'][0]:.3g} " in printed
+    assert f"; λ0 {sweep['lr0']:.3g} (" in printed
     long = info["horizon_sweep"]
     assert f"α sweep at 4x the horizon (mean of 2 training seeds): λ {long['grid'][0]:.3g} " in printed
     assert f"; α {long['horizon_exponent']:.2f}\n" in printed

@@ -166,7 +166,7 @@ def _by_seed(values: list[list[float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from l3rs.meta.sweeps import LONG_SWEEP_SEEDS, prior_wins_needed
+    from l3rs.meta.sweeps import LONG_SWEEP_SEEDS, PLACE_CLIFF, prior_wins_needed
     from l3rs.meta.train import train
     from l3rs.tasks import resolve
 
@@ -198,8 +198,10 @@ def run(args: argparse.Namespace) -> int:
                   + f"; kept {info['prior']} ({why})")
         sweep = info["lr0_sweep"]
         if sweep:  # where λ0 came from: the grid's best, or between its points where every seed agrees on the side
-            where = ("the grid's best: the seeds' vertices are not all on one side" if sweep["lr0"] == sweep["grid_lr0"]
-                     else f"between the grid's points: every seed's vertex is on that side of {sweep['grid_lr0']:.3g}")
+            grid_lr0 = sweep.get("grid_lr0", sweep["lr0"])  # a run resumed from before session 36 has no placement
+            where = (f"between the grid's points: every seed's vertex is on that side of {grid_lr0:.3g}"
+                     if sweep["lr0"] != grid_lr0 else
+                     f"the grid's best: no side every seed agrees on, or a neighbour {PLACE_CLIFF:g}x its loss")
             print(f"λ0 sweep of {info['prior']} (mean of {cfg.lr0_seeds} training seeds): "
                   + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(sweep["grid"], sweep["val_loss"], strict=True))
                   + f"; λ0 {sweep['lr0']:.3g} ({where})")
