@@ -148,10 +148,8 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
         losses, by_seed = ([loss, *losses], [seeds, *by_seed]) if down else ([*losses, loss], [*by_seed, seeds])
         steps += more
     grid = candidates[low:high]
-    best = _argmin(losses)
     return {"grid": grid, "val_loss": losses, "val_loss_by_seed": by_seed, "lr0": placed_lr0(grid, losses, by_seed),
-            "grid_lr0": grid[best], "best_by_seed": by_seed[best], "seconds": time.perf_counter() - start,
-            "steps": steps}
+            "grid_lr0": grid[_argmin(losses)], "seconds": time.perf_counter() - start, "steps": steps}
 
 
 def placed_lr0(grid: list[float], losses: list[float], by_seed: list[list[float]]) -> float:
@@ -162,10 +160,11 @@ def placed_lr0(grid: list[float], losses: list[float], by_seed: list[list[float]
     # λ0's: minilm-chatterbot's sweep (0.97 / 0.67 / 0.75 at 1e-4 / 3e-4 / 1e-3) left it 0.7% worse than the tuned
     # AdamW-cosine at 1x, where 4.1e-4 is 0.8% better. Half steps run on two seeds moved digits' λ0 by noise and cost
     # its 2x win (`docs/RESULTS.md` session 35); a side every seed agrees on costs no runs and no seed overrules.
-    logs = [math.log(lr) for lr in grid]
-    best, vertex = _argmin(losses), _vertex(logs, losses)
+    best = _argmin(losses)
     if not 0 < best < len(grid) - 1 or max(losses[best - 1], losses[best + 1]) >= PLACE_CLIFF * losses[best]:
         return grid[best]
+    logs = [math.log(lr) for lr in grid]
+    vertex = _vertex(logs, losses)
     side = vertex - logs[best]
     seeds = [list(seed) for seed in zip(*by_seed, strict=True)]
     agree = side != 0 and all((_vertex(logs, seed) - logs[best]) * side > 0 for seed in seeds)
@@ -185,7 +184,7 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
     for name in others:
         sweeps[name] = lr0_sweep(cfg, horizon, vectors[name], run, center=sweeps[first]["grid_lr0"],
                                  warmup=cfg.warmup_of(name))
-    by_seed = {name: list(s["best_by_seed"]) for name, s in sweeps.items()}
+    by_seed = {name: list(s["val_loss_by_seed"][_argmin(s["val_loss"])]) for name, s in sweeps.items()}
     steps = sum(s["steps"] for s in sweeps.values())
     extra = sweep_seeds(cfg, PRIOR_SEEDS)[cfg.lr0_seeds:] if others else []
     if extra:
@@ -204,8 +203,7 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
     needed = prior_wins_needed(len(by_seed[first]))
     lower = [name for name in others if mean(name) < mean(first) and wins(name) >= needed]
     kept = min(lower, key=mean) if lower else first
-    kept_sweep = {k: v for k, v in sweeps[kept].items() if k != "best_by_seed"}  # in "priors" with more seeds
-    return {**kept_sweep, "prior": kept,
+    return {**sweeps[kept], "prior": kept,
             "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["grid_lr0"],
                               "placed_lr0": s["lr0"], "by_seed": by_seed[name], "mean": mean(name)}
                        for name, s in sweeps.items()},
