@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "select-1x": (["--validation-horizons", "1"], "checkpoint selection at 1x and 4x (1x only)"),
     "adam-only": (["--bases", "adam"], "the blend of base directions (Adam's alone)"),
     "uniform-prior": (["--priors", "uniform"], "the prior chosen by the λ0 sweep (the uniform mix only)"),
+    "no-long-mix": (["--long-priors", "none"], "the long runs' mix chosen at 4x (the prior's mix at every length)"),
     "no-decay": (["--weight-decay", "0"], "the decoupled weight decay (none)"),
 }
 
@@ -61,9 +62,13 @@ def meta_train(task: str, out: Path, iterations: int, flags: list[str]) -> Path:
 
 def untrained(task: str, best: Path, out: Path) -> Path:
     """The optimizer of `best`'s run before meta-training: `l3rs meta-train --iterations 0` with that run's
-    swept λ0, α and prior given (so no sweep runs again) exports the initial mixer with them."""
+    swept λ0, α and prior given (so neither sweep runs again) exports the initial mixer with them; the long runs'
+    mix it chose is offered alone, so its comparison runs again on the same seeds and keeps it again."""
     info = json.loads((best / "optimizer.json").read_text())
+    mixes = info.get("long_prior_sweep")
+    long = mixes["long_prior"] if mixes and mixes["long_prior"] != mixes["kept"] else "none"
     return meta_train(task, out, 0, ["--lr0", repr(info["lr"]), "--priors", info.get("prior", "uniform"),
+                                     "--long-priors", long,
                                      "--horizon-exponent", repr(info["config"]["horizon_exponent"]),
                                      "--backbone-warmup", repr(info["config"].get("backbone_warmup", 0.0))])
 

@@ -40,6 +40,12 @@ def canonical_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_PARTS)
 
 
+def with_long_mix(meta: mixer.Meta, config: Config) -> mixer.Meta:
+    """`meta` with a zero `long_mix` when it was saved before long runs had a mix prior: the same mix at every
+    length, which is what it was meta-trained with."""
+    return meta if "long_mix" in meta else {**meta, "long_mix": torch.zeros(len(config.bases))}
+
+
 def check_meta(meta: mixer.Meta, config: Config, num_tensors: int) -> None:
     expected = config.init_meta(num_tensors)
     problems = [f"missing {k}" for k in expected if k not in meta]
@@ -126,7 +132,7 @@ def load_meta(path: str | os.PathLike) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{doc_file} is malformed: {e}") from None
     try:
-        meta = load_file(weights)
+        meta = with_long_mix(load_file(weights), config)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt: {e}") from None
     num_rows = 1 if config.scope == "global" else len(names)

@@ -5,7 +5,8 @@ For every tensor l (one named parameter):
     Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p} − λ0 · h(T) · b(t/T) · wd · θ_l,
     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · b(t/T) · exp(s_l)
 
-with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding, and b a fixed
+with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding (μ's logits plus, in
+runs longer than T_ref, a share of the long runs' mix logits `long_mix`: `schedules.long_share`), and b a fixed
 base schedule over the run's progress t/T (warm-up, then cosine decay), h(T) = min(1, T_ref/T)^α the
 step's shrinkage for runs longer than the meta-training horizon T_ref: the mixer learns a bounded
 deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from l3rs import bases as base_lib
 from l3rs import features, mixer
+from l3rs.schedules import head_ramp, horizon_scale, long_share, schedule
 
 TensorList = list[Tensor]
 _MIXES = ("softmax", "linear")
@@ -152,22 +154,33 @@ class Config:
         # saved before step_budget / weight_decay / min_log_scale existed: free λ, no decay, no floor (as then)
         return cls(**{"step_budget": "free", "weight_decay": 0.0, "min_log_scale": None, **d})
 
-    def init_meta(self, num_tensors: int, seed: int = 0, lean: str | None = None) -> mixer.Meta:
+    def init_meta(self, num_tensors: int, seed: int = 0, lean: str | None = None,
+                  long_lean: str | None = None) -> mixer.Meta:
         """Fresh meta-parameters for `num_tensors` tensors (one embedding row when scope == "global"): a uniform
-        mix, or one that gives the base named `lean` LEAN_WEIGHT of it (the others share the rest alike)."""
+        mix, or one that gives the base named `lean` LEAN_WEIGHT of it (the others share the rest alike); with
+        `long_lean` ("uniform" or a base), long runs move to that mix instead (`schedules.long_share`)."""
         rows = 1 if self.scope == "global" else num_tensors
         meta = mixer.init(rows, self.num_features, len(self.bases), self.hidden, self.depth, self.embed_dim, seed)
-        if lean is not None and len(self.bases) > 1:
-            if lean not in self.bases:
-                raise ValueError(f"cannot lean on {lean!r}: it is not one of the bases {self.bases}")
-            p, rest = len(self.bases), (1 - LEAN_WEIGHT) / (len(self.bases) - 1)
-            bias = meta[f"layers.{self.depth}.bias"]  # [1 + P]: the log step scale, then the mix logits
-            if self.mix == "softmax":
-                bias[1 + self.bases.index(lean)] = math.log(LEAN_WEIGHT / rest)
-            else:  # linear: weight = logit + 1/P
-                bias[1:] = rest - 1 / p
-                bias[1 + self.bases.index(lean)] = LEAN_WEIGHT - 1 / p
+        meta[f"layers.{self.depth}.bias"][1:] = self._mix_bias(lean)  # after the log step scale
+        if long_lean is not None:
+            meta["long_mix"] = self._mix_bias(long_lean) - self._mix_bias(lean)
         return meta
+
+    def _mix_bias(self, lean: str | None) -> Tensor:
+        """The mix logits of the untrained optimizer leaning on `lean` (None or "uniform": every base alike)."""
+        p = len(self.bases)
+        bias = torch.zeros(p)
+        if lean in (None, "uniform") or p == 1:
+            return bias
+        if lean not in self.bases:
+            raise ValueError(f"cannot lean on {lean!r}: it is not one of the bases {self.bases}")
+        rest = (1 - LEAN_WEIGHT) / (p - 1)
+        if self.mix == "softmax":
+            bias[self.bases.index(lean)] = math.log(LEAN_WEIGHT / rest)
+        else:  # linear: weight = logit + 1/P
+            bias[:] = rest - 1 / p
+            bias[self.bases.index(lean)] = LEAN_WEIGHT - 1 / p
+        return bias
 
 
 class State(NamedTuple):
@@ -203,35 +216,6 @@ def feature_matrix(config: Config, fs: features.FeatureState, step: int, total_s
     return torch.zeros_like(x) if config.features == "none" else x
 
 
-def schedule(config: Config, step: int, total_steps: int | None) -> float:
-    """The base schedule b at update `step` (0-based) of a `total_steps` run; 1 when T is unknown."""
-    if config.schedule == "constant" or not total_steps:
-        return 1.0
-    warm = config.warmup * total_steps
-    if step < warm:
-        return (step + 1) / (warm + 1)
-    progress = min(1.0, (step - warm) / max(total_steps - warm, 1.0))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
-
-
-def head_ramp(config: Config, step: int, total_steps: int | None, head: Tensor | None) -> Tensor | float:
-    """Per-tensor factor of λ0 at update `step`: `head` [T] (bool) marks the new head's tensors, which step at
-    once; the others (the pretrained backbone) ramp up linearly over `config.backbone_warmup` of the run. 1 when
-    the ramp is off or over, no tensor is marked (`head` None) or T is unknown."""
-    if head is None or not (config.backbone_warmup and total_steps):
-        return 1.0
-    ramp = min(1.0, (step + 1) / (config.backbone_warmup * total_steps + 1))
-    return 1.0 if ramp == 1.0 else torch.where(head, 1.0, ramp)
-
-
-def horizon_scale(config: Config, total_steps: int | None) -> float:
-    """(T_ref / T)^α for a run of T > T_ref steps, else 1: the step of longer runs shrinks with their length."""
-    reference = config.reference_horizon
-    if not (config.horizon_exponent and total_steps and reference) or total_steps <= reference:
-        return 1.0
-    return (reference / total_steps) ** config.horizon_exponent
-
-
 def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float, step: int = 0,
                  total_steps: int | None = None, sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run; `sizes` (numel per
@@ -243,6 +227,7 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
         s = s - 0.5 * (torch.logsumexp(2 * s + weights.log(), 0) - weights.sum().log())
     if config.min_log_scale is not None:
         s = s.clamp_min(config.min_log_scale)
+    logits = logits + long_share(config, total_steps) * meta["long_mix"]  # the long runs' prior, in by log T
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
     return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
 

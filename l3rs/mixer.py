@@ -2,7 +2,8 @@
 
 Meta-parameters are a flat ``dict[str, Tensor]`` so that evolution strategies can perturb a single vector
 (`flatten` / `unflatten`) and truncated backprop can differentiate through `apply`.
-The last layer starts at zero: an untrained L3RS uses a uniform mix and step size exactly lr.
+The last layer starts at zero: an untrained L3RS uses a uniform mix and step size exactly lr. `long_mix` holds
+the mix logits long runs add (zero: the same mix at every length), a meta-parameter like the others.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def init(
         width = hidden
     meta[f"layers.{depth}.weight"] = torch.zeros(1 + num_bases, width)
     meta[f"layers.{depth}.bias"] = torch.zeros(1 + num_bases)
+    meta["long_mix"] = torch.zeros(num_bases)  # mix logits that long runs add (`schedules.long_share`)
     return meta
 
 

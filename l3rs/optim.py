@@ -19,7 +19,7 @@ from torch import Tensor
 
 from l3rs import features, functional, mixer
 from l3rs import params as params_lib
-from l3rs.checkpoint import CheckpointError, check_meta, load_meta, match_embedding, save_meta
+from l3rs.checkpoint import CheckpointError, check_meta, load_meta, match_embedding, save_meta, with_long_mix
 from l3rs.functional import Config
 
 __all__ = ["L3RS", "CheckpointError", "load_meta", "save_meta"]
@@ -131,6 +131,7 @@ class L3RS(torch.optim.Optimizer):
         elif saved is not None:
             meta = match_embedding(meta, saved, self.param_names, [tuple(p.shape) for p in self._params],
                                    unknown, self.config.scope)
+        meta = with_long_mix(meta, self.config)
         check_meta(meta, self.config, len(self._params))
         return {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in meta.items()}
 
@@ -343,6 +344,7 @@ class L3RS(torch.optim.Optimizer):
         if config is not None and Config.from_dict(config) != self.config:
             raise ValueError("state_dict was saved by an L3RS with a different config")
         if meta is not None:
+            meta = with_long_mix(meta, self.config)
             check_meta(meta, self.config, len(self._params))
             self.meta = {k: v.detach().to(self._params[0].device, torch.float32).clone() for k, v in meta.items()}
         groups = [dict(g) for g in state_dict["param_groups"]]

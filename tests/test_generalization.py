@@ -154,7 +154,8 @@ def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     assert info["validation_score"] == pytest.approx(expected) and info["validation_score"] <= 0
     assert info["config"]["reference_horizon"] == H  # the optimizer knows the horizon it was trained around
     split = info["seconds_by_phase"]  # where the time went: 4 validations (untrained and 3 checks), 4 iterations
-    assert min(split.values()) > 0 and split["sweeps"] == info["horizon_sweep"]["seconds"]  # λ0 given: α's only
+    sweeps = info["horizon_sweep"]["seconds"] + info["long_prior_sweep"]["seconds"]  # λ0 given: α's, the long mix's
+    assert min(split.values()) > 0 and split["sweeps"] == pytest.approx(sweeps)
     assert sum(split.values()) == pytest.approx(info["meta_train_seconds"])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["validation_score"] is not None for r in lines[1:]] == [True, True, False, True]

@@ -533,8 +533,9 @@ def test_a_budget_without_room_for_the_alpha_sweep_still_runs_its_first_points_a
     fit = info["horizon_sweep"]
     assert fit["multiple"] == sweeps.LONG_SWEEP and fit["steps"] == sweeps.LONG_SWEEP_START * 2 * 4 * H
     # its first points ran though the budget had no room; a step down or the half steps, had they been asked for,
-    # were refused
-    assert len(fit["grid"]) == sweeps.LONG_SWEEP_START and fit["cut"] is bool(asked)
+    # were refused, and so was the long runs' mix comparison (the last ask)
+    assert len(fit["grid"]) == sweeps.LONG_SWEEP_START and fit["cut"] is bool(asked[:-1])
+    assert info["long_prior_sweep"] is None and asked[-1] > 0
     assert info["config"]["horizon_exponent"] == fit["horizon_exponent"]
 
 
@@ -733,9 +734,17 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
     long = info["horizon_sweep"]
     assert f"α sweep at 4x the horizon (mean of 2 training seeds): λ {long['grid'][0]:.3g} " in printed
     assert f"; α {long['horizon_exponent']:.2f}\n" in printed
+    mixes = info["long_prior_sweep"]  # the long runs' mix: the kept prior's and the others at 4x
+    line = f"long runs' mix at 4x the horizon, λ {mixes['lr']:.3g} (mean over training seeds): {mixes['kept']} "
+    assert line in printed
     config = functional.Config.from_dict(info["config"])
-    assert torch.equal(meta_vector(out / "best"), initial_vector(config, 0, len(info["tensor_names"]), info["prior"]))
+    assert torch.equal(meta_vector(out / "best"), initial_vector(config, 0, len(info["tensor_names"]), info["prior"],
+                                                                 mixes["long_prior"]))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "z"), "--no-progress",
+                     "--iterations", "0", "--lr0", "0.03", "--long-priors", "none"]) == 0
+    assert json.loads((tmp_path / "z" / "best" / "optimizer.json").read_text())["long_prior_sweep"] is None
+    assert "long runs' mix" not in capsys.readouterr().out
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
                      "--iterations", "-1"]) == 2
     assert "iterations must be an int >= 0" in capsys.readouterr().err

@@ -104,6 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                              "warm-up; the λ0 sweep runs each, a later one replaces the first only if lower on 3 of "
                              "4 training seeds and in their mean (default: uniform,adam, led by uniform+warmup when "
                              "--backbone-warmup > 0; with --lr0, the first)")
+    parser.add_argument("--long-priors", default=None,
+                        help="comma-separated mixes long runs may move to: uniform or a base's name, each run at "
+                             "4x the horizon on 2 training seeds (4 when lower in the mean); one replaces the kept "
+                             "prior's mix for runs of 4x and longer (log-linearly from 1x) only if lower in the mean "
+                             "and on 3 of 4 seeds (default: uniform,adam,momentum, those among the bases; none: off)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="local worker processes (results do not depend on it)")
@@ -142,6 +147,8 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                         step_budget=args.step_budget, average=args.average, weight_decay=args.weight_decay,
                         backbone_warmup=args.backbone_warmup)
         priors = tuple(p.strip() for p in args.priors.split(",") if p.strip()) if args.priors is not None else None
+        long_priors = (None if args.long_priors is None else () if args.long_priors.strip() == "none" else
+                       tuple(p.strip() for p in args.long_priors.split(",") if p.strip()))
         return MetaConfig(estimator=args.estimator, objective=args.objective, horizon=args.horizon,
                           iterations=1_000_000 if args.iterations is None else args.iterations,
                           budget_minutes=budget,
@@ -149,6 +156,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
                           horizon_exponent=args.horizon_exponent, priors=priors,
+                          long_priors=long_priors,
                           horizon_range=_floats(args.horizon_range, "--horizon-range"),
                           horizon_draw=args.horizon_draw,
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
@@ -211,6 +219,16 @@ def run(args: argparse.Namespace) -> int:
                   + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(long["grid"], long["val_loss"], strict=True))
                   + f"; α {long['horizon_exponent']:.2f}"
                   + (" (the budget left no room for more points)" if long.get("cut") else ""))
+        mixes = info.get("long_prior_sweep")
+        if mixes:  # which mix runs of 4x and longer move to, and on what evidence
+            kept, chosen, seeds = mixes["kept"], mixes["long_prior"], len(mixes["by_seed"][mixes["kept"]])
+            rule = (f"lower in the mean and on {prior_wins_needed(seeds)} of {seeds} seeds" if seeds > LONG_SWEEP_SEEDS
+                    else f"lower in the mean of {seeds} seeds")
+            why = (f"{chosen} from {mixes['multiple']:g}x on, log-linearly from 1x: {rule}" if chosen != kept else
+                   f"{kept} at every length: no other is {rule}")
+            print(f"long runs' mix at {mixes['multiple']:g}x the horizon, λ {mixes['lr']:.3g} (mean over training "
+                  "seeds): " + ", ".join(f"{name} {mixes['mean'][name]:.4g} ({len(values)} seeds)"
+                                         for name, values in mixes["by_seed"].items()) + f"; {why}")
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = (_by_seed(info["validation_by_seed"]) if info["best_iteration"] else
                     f"the untrained optimizer (no checkpoint was {100 * cfg.selection_margin:g}% lower on every "

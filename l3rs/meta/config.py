@@ -12,6 +12,9 @@ ESTIMATOR_NAMES = ("es", "pes", "bptt")
 OBJECTIVES = ("val_loss", "train_loss", "val_metric")
 HORIZON_DRAWS = ("equal-steps", "log-uniform")
 WARMUP = "+warmup"  # a prior's suffix: the backbone warm-up on
+# the mixes long runs may move to by default: the priors, and the momentum-leaning mix, whose averaged direction
+# suited effnet-mnist's long runs where the uniform mix's momentum-free ones did not (`docs/RESULTS.md`, session 31)
+LONG_PRIORS = ("uniform", "adam", "momentum")
 
 
 def prior_mix(prior: str) -> str:
@@ -48,6 +51,11 @@ class MetaConfig:
         first only if it is lower on 3 of 4 training seeds and in their mean (`sweeps.prior_sweep`). None:
         uniform+warmup when `config.backbone_warmup` > 0, then uniform, and adam when adam is one of several
         bases. With a fixed `lr0` (no sweep) the first one is used.
+    long_priors: the mixes long runs may move to ("uniform" or a base's name): at 4x the horizon, at the step a
+        run of that length takes, each runs as the prior sweep runs its priors, and one replaces the kept prior's
+        mix for long runs only if it is lower in the mean and on 3 of 4 training seeds (`sweeps.long_prior_sweep`);
+        runs between 1x and 4x take it in log-linearly (`schedules.long_share`). None: uniform, adam and
+        momentum, those among the bases; (): off.
     config: the trained optimizer's Config (default: `Config(normalize="snr")`; its backbone warm-up applies
         only when the kept prior is a "+warmup" one).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).
@@ -75,6 +83,7 @@ class MetaConfig:
     lr0_seeds: int = 2
     horizon_exponent: float | None = None
     priors: tuple[str, ...] | None = None
+    long_priors: tuple[str, ...] | None = None
     validate_every: int = 20  # validations at 1x and 4x cost as much as ~10 iterations
     validation_seeds: int = 2
     selection_margin: float = 0.01
@@ -132,6 +141,7 @@ class MetaConfig:
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", Config.from_dict(self.config))
         object.__setattr__(self, "priors", self._resolve_priors())
+        object.__setattr__(self, "long_priors", self._resolve_long_priors())
 
     def _resolve_priors(self) -> tuple[str, ...]:
         bases, warm = self.config.bases, self.config.backbone_warmup > 0
@@ -151,6 +161,18 @@ class MetaConfig:
             priors = tuple(dict.fromkeys("uniform" + WARMUP * name.endswith(WARMUP) for name in priors))
         return priors
 
+    def _resolve_long_priors(self) -> tuple[str, ...]:
+        bases = self.config.bases
+        if self.long_priors is None:
+            return tuple(m for m in LONG_PRIORS if m == "uniform" or m in bases) if len(bases) > 1 else ()
+        long_priors = tuple(self.long_priors)
+        if len(set(long_priors)) != len(long_priors):
+            raise ValueError(f"long_priors must name each mix once, got {long_priors!r}")
+        for name in long_priors:
+            if name != "uniform" and name not in bases:
+                raise ValueError(f"long prior {name!r} is neither 'uniform' nor one of the bases {bases}")
+        return long_priors
+
     def warmup_of(self, prior: str) -> float:
         """The backbone warm-up of the optimizer started from `prior` (0 unless it is a +warmup one)."""
         return self.config.backbone_warmup if prior.endswith(WARMUP) else 0.0
@@ -162,6 +184,7 @@ class MetaConfig:
         d["horizon_range"] = list(self.horizon_range)
         d["validation_horizons"] = list(self.validation_horizons)
         d["priors"] = list(self.priors)
+        d["long_priors"] = list(self.long_priors)
         return d
 
     def result_keys(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -45,6 +46,7 @@ class TrainState:
     validation_total: float = 0.0  # what every validation so far took (reported: where the budget went)
     horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
     horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
+    long_prior_sweep: dict[str, Any] | None = None  # the comparison that chose the long runs' mix
     # each validation seed's value per horizon, untrained and best (how far the mean is from noise)
     untrained_validation_by_seed: list[list[float]] | None = None
     best_validation_by_seed: list[list[float]] | None = None
@@ -81,7 +83,8 @@ def load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
         return None
     with safe_open(str(path), "pt") as f:
         doc = json.loads(f.metadata()["state"])
-    saved = {"priors": ["uniform"], **doc["meta_config"]}  # checkpoints from before priors: the uniform mix
+    # checkpoints from before priors: the uniform mix; from before long priors: the same mix at every length
+    saved = {"priors": ["uniform"], "long_priors": [], **doc["meta_config"]}
     if saved != cfg.result_keys():
         changed = sorted(k for k in cfg.result_keys() if saved.get(k) != cfg.result_keys()[k])
         raise FileExistsError(f"{path} was written with other settings ({', '.join(changed)}): resume "
@@ -90,6 +93,8 @@ def load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
     layout = doc.pop("particles")
     doc.pop("meta_config")
     doc.setdefault("backbone_warmup", cfg.config.backbone_warmup)  # before priors chose it: every run had it
+    if "long_prior_sweep" not in doc:  # its vectors end before the (last-sorted) long_mix: a zero one
+        tensors |= {k: torch.cat([tensors[k], tensors[k].new_zeros(len(cfg.config.bases))]) for k in _TENSORS}
     particles = None
     if layout is not None:
         states = [unpack(tensors, f"particle.{i}.") if present else None

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from l3rs.meta.config import MetaConfig
 from l3rs.meta.unroll import Job, grouped_objectives, mean_objectives
+from l3rs.schedules import LONG_MULTIPLE
 from l3rs.seeds import seed_of
 
 # Grid steps added past an edge the λ0 sweep picks (the grid is a prior, not a bound). 4 let cnn04's uniform mix
@@ -223,6 +224,15 @@ def _vertex(xs: list[float], losses: list[float]) -> float:
     return x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
 
 
+def clear_gain(reference: list[float], candidate: list[float], margin: float = SWEEP_MARGIN,
+               mean_margin: float = SWEEP_MEAN_MARGIN) -> bool:
+    """Whether `candidate`'s losses (per seed) beat `reference`'s on the same seeds by `margin` on every seed or
+    by `mean_margin` in their mean: a noisy gain sits on one seed, a real one on both or is large."""
+    low, high = sum(candidate) / len(candidate), sum(reference) / len(reference)
+    return math.isfinite(low) and (low * (1 + mean_margin) < high or all(
+        c * (1 + margin) < r for r, c in zip(reference, candidate, strict=True)))
+
+
 def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
                          warmup: float = 0.0, room: Callable[[int], bool] | None = None,
                          multiple: float = LONG_SWEEP, margin: float = SWEEP_MARGIN,
@@ -253,9 +263,8 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
         (loss,), (seeds,), more = _sweep_losses(cfg, steps, vector, [lrs[-1] / factor], run, LONG_SWEEP_SEEDS, warmup)
         lrs, losses, by_seed, spent = [*lrs, lrs[-1] / factor], [*losses, loss], [*by_seed, seeds], spent + more
     best = _argmin(losses)
-    clear_gain = math.isfinite(losses[best]) and (losses[best] * (1 + mean_margin) < losses[0] or all(
-        low * (1 + margin) < high for high, low in zip(by_seed[0], by_seed[best], strict=True)))
-    if clear_gain and best < len(lrs) - 1 and fits(2):
+    gain = clear_gain(by_seed[0], by_seed[best], margin, mean_margin)
+    if gain and best < len(lrs) - 1 and fits(2):
         # a grid step apart, three points misplace a minimum whose sides differ: the text task's 4x loss rises
         # slowly toward λ0 and steeply below its minimum, and they put the vertex at λ0 / 3.1 where a finer scan
         # found λ0 / 4.2 (5% lower loss at 5x on training seeds); the half steps either side place it closer
@@ -263,7 +272,46 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
         more_losses, _, more = _sweep_losses(cfg, steps, vector, halves, run, LONG_SWEEP_SEEDS, warmup)
         pairs = sorted(zip([*lrs, *halves], [*losses, *more_losses], strict=True), reverse=True)
         lrs, losses, spent = [lr for lr, _ in pairs], [v for _, v in pairs], spent + more
-    below = _vertex([math.log(lr0 / lr) / math.log(factor) for lr in lrs], losses) if clear_gain else 0.0
+    below = _vertex([math.log(lr0 / lr) / math.log(factor) for lr in lrs], losses) if gain else 0.0
     exponent = below * math.log(factor) / math.log(multiple)
     return {"multiple": multiple, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent, "cut": cut,
-            "seconds": time.perf_counter() - start, "steps": spent}
+            "lr0_by_seed": by_seed[0], "seconds": time.perf_counter() - start, "steps": spent}
+
+
+def long_prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], kept: str, lr: float, run: Any,
+                     warmup: float = 0.0, kept_by_seed: list[float] | None = None) -> dict[str, Any]:
+    """The long runs' mix, chosen as the prior is but at LONG_MULTIPLE x the horizon, at the step `lr` a run of
+    that length takes: each untrained optimizer in `vectors` (by the mix it moves to in long runs; `kept` names
+    the one whose mix is the same at every length, `kept_by_seed` its losses there if they already ran) on
+    LONG_SWEEP_SEEDS training seeds, then the kept one and each one whose mean is lower on more, up to
+    PRIOR_SEEDS. Another mix replaces the kept one for long runs only if its mean is lower and it is lower on
+    PRIOR_WIN_SHARE of the seeds (the lowest mean of those that are). Why (docs/RESULTS.md, session 37): the mix
+    chosen at 1x need not suit long runs (effnet-mnist: the uniform mix wins 1x, the momentum-leaning one 5x,
+    where one seed's 4x loss can be twice the next one's)."""
+    start = time.perf_counter()
+    steps, seeds = max(1, round(LONG_MULTIPLE * horizon)), sweep_seeds(cfg, PRIOR_SEEDS)
+
+    def losses(names: list[str], on: list[int]) -> list[list[float]]:
+        if not names:
+            return []
+        results = run([job for name in names for job in _jobs(vectors[name], [lr], on, steps, warmup)])
+        spent.append(sum(r.steps for r in results))
+        return grouped_objectives(results, len(on))
+
+    spent: list[int] = []
+    first = [name for name in vectors if name != kept or kept_by_seed is None]
+    ran = dict(zip(first, losses(first, seeds[:LONG_SWEEP_SEEDS]), strict=True))
+    by_seed = {name: ran.get(name, kept_by_seed) for name in vectors}
+
+    def mean(name: str) -> float:
+        return sum(by_seed[name]) / len(by_seed[name])
+
+    lower = [name for name in vectors if name != kept and mean(name) < mean(kept)]
+    if lower and seeds[LONG_SWEEP_SEEDS:]:
+        more = losses([kept, *lower], seeds[LONG_SWEEP_SEEDS:])
+        by_seed |= {name: by_seed[name] + extra for name, extra in zip([kept, *lower], more, strict=True)}
+    wins = {name: sum(b < a for a, b in zip(by_seed[kept], by_seed[name], strict=True)) for name in lower}
+    chosen = [name for name in lower if mean(name) < mean(kept) and wins[name] >= prior_wins_needed(len(by_seed[kept]))]
+    return {"multiple": LONG_MULTIPLE, "lr": lr, "kept": kept, "by_seed": by_seed,
+            "mean": {name: mean(name) for name in vectors}, "long_prior": min(chosen, key=mean) if chosen else kept,
+            "seconds": time.perf_counter() - start, "steps": sum(spent)}

@@ -33,6 +33,7 @@ from l3rs.meta.state import CHECKPOINT, TrainState, load_checkpoint, save_checkp
 from l3rs.meta.unroll import Worker
 from l3rs.meta.validation import Validation, clears_noise, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
+from l3rs.schedules import LONG_MULTIPLE
 from l3rs.tasks import Task, TaskFamily
 
 METRICS = "metrics.jsonl"
@@ -52,10 +53,11 @@ def optimizer_config(cfg: MetaConfig, horizon: int) -> Config:
     return dataclasses.replace(cfg.config, reference_horizon=horizon, horizon_exponent=0.0)
 
 
-def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "uniform") -> Tensor:
-    """The flat meta-parameters of the untrained optimizer meta-training starts from (a `MetaConfig.priors` name)."""
-    mix = prior_mix(prior)
-    return mixer.flatten(config.init_meta(num_tensors, seed, None if mix == "uniform" else mix))
+def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "uniform",
+                   long_prior: str | None = None) -> Tensor:
+    """The flat meta-parameters of the untrained optimizer meta-training starts from (a `MetaConfig.priors` name),
+    moving to the mix `long_prior` in long runs (None: the prior's mix at every length)."""
+    return mixer.flatten(config.init_meta(num_tensors, seed, prior_mix(prior), long_prior))
 
 
 def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None = None,
@@ -111,6 +113,19 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup,
                                           _alpha_room(cfg, sweep, run, start, horizon))
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent
+    long, mix = None, prior_mix(prior)
+    if any(name != mix for name in cfg.long_priors):
+        # the long runs' mix at 4x, at the step λ0 takes there; past the budget only when nothing else could run
+        lr = lr0 * LONG_MULTIPLE ** -exponent
+        reused = fit is not None and exponent == 0 and fit["multiple"] == LONG_MULTIPLE  # its λ0 runs: the mix's
+        candidates = {name: initial_vector(opt_config, cfg.seed, count, prior, name)
+                      for name in dict.fromkeys((mix, *cfg.long_priors))}
+        runs = ((len(candidates) - reused) * sweeps.LONG_SWEEP_SEEDS  # at most: 2 more seeds for every one
+                + len(candidates) * (sweeps.PRIOR_SEEDS - sweeps.LONG_SWEEP_SEEDS)) * round(LONG_MULTIPLE * horizon)
+        if _alpha_room(cfg, sweep, run, start, horizon)(runs):
+            long = sweeps.long_prior_sweep(cfg, horizon, candidates, mix, lr, run, warmup,
+                                           fit["lr0_by_seed"] if reused else None)
+            vector = candidates[long["long_prior"]]
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
@@ -120,9 +135,10 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
                       best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=values,
                       best_validation=values, best_score=0.0, best_iteration=0, seconds=time.perf_counter() - start,
-                      steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, fit) if s),
+                      steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, fit, long) if s),
                       validation_seconds=validation_seconds, validation_total=validation_seconds,
-                      horizon_exponent=exponent, horizon_sweep=fit, untrained_validation_by_seed=by_seed,
+                      horizon_exponent=exponent, horizon_sweep=fit, long_prior_sweep=long,
+                      untrained_validation_by_seed=by_seed,
                       best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup)
 
 
@@ -168,6 +184,7 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     info = {"meta_train_seconds": state.seconds, "meta_train_steps": state.steps, "task": family.name,
             "horizon": horizon, "estimator": cfg.estimator, "objective": cfg.objective,
             "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
+            "long_prior_sweep": state.long_prior_sweep,
             "seed": cfg.seed, "prior": state.prior, "head_tensors": list(family.base.head),
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
             "untrained_validation": state.untrained_validation and state.untrained_validation[0],
@@ -185,7 +202,7 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
 
 def seconds_by_phase(state: TrainState) -> dict[str, float]:
     """Where the meta-training time went: the λ0 and α sweeps, validations, and the meta-iterations (the rest)."""
-    sweeps = sum(s["seconds"] for s in (state.lr0_sweep, state.horizon_sweep) if s)
+    sweeps = sum(s["seconds"] for s in (state.lr0_sweep, state.horizon_sweep, state.long_prior_sweep) if s)
     return {"sweeps": sweeps, "validation": state.validation_total,
             "meta_iterations": max(0.0, state.seconds - sweeps - state.validation_total)}
 

@@ -1,0 +1,64 @@
+"""How an L3RS step depends on where it is in its run and on the run's length, apart from the learned mixer:
+the base schedule b(t/T), the backbone's ramp, the horizon exponent's h(T) and the long runs' share of the mix
+prior. Each reads the fields it needs of an `l3rs.functional.Config`; the functional step multiplies or adds them in."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+# A long run's mix prior (`Config.init_meta(long_lean=)`) holds in full from this multiple of the meta-training
+# horizon on: the α sweep's horizon, where meta-training compares the long runs' mixes (`sweeps.long_prior_sweep`)
+LONG_MULTIPLE = 4.0
+
+
+class Config(Protocol):
+    """The fields of `l3rs.functional.Config` these read (a protocol: functional imports this module)."""
+
+    schedule: str
+    warmup: float
+    backbone_warmup: float
+    reference_horizon: int | None
+    horizon_exponent: float
+
+
+def schedule(config: Config, step: int, total_steps: int | None) -> float:
+    """The base schedule b at update `step` (0-based) of a `total_steps` run; 1 when T is unknown."""
+    if config.schedule == "constant" or not total_steps:
+        return 1.0
+    warm = config.warmup * total_steps
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = min(1.0, (step - warm) / max(total_steps - warm, 1.0))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+
+
+def head_ramp(config: Config, step: int, total_steps: int | None, head: Tensor | None) -> Tensor | float:
+    """Per-tensor factor of λ0 at update `step`: `head` [T] (bool) marks the new head's tensors, which step at
+    once; the others (the pretrained backbone) ramp up linearly over `config.backbone_warmup` of the run. 1 when
+    the ramp is off or over, no tensor is marked (`head` None) or T is unknown."""
+    if head is None or not (config.backbone_warmup and total_steps):
+        return 1.0
+    ramp = min(1.0, (step + 1) / (config.backbone_warmup * total_steps + 1))
+    return 1.0 if ramp == 1.0 else torch.where(head, 1.0, ramp)
+
+
+def horizon_scale(config: Config, total_steps: int | None) -> float:
+    """(T_ref / T)^α for a run of T > T_ref steps, else 1: the step of longer runs shrinks with their length."""
+    reference = config.reference_horizon
+    if not (config.horizon_exponent and total_steps and reference) or total_steps <= reference:
+        return 1.0
+    return (reference / total_steps) ** config.horizon_exponent
+
+
+def long_share(config: Config, total_steps: int | None) -> float:
+    """How much of the long runs' mix prior (the mixer's `long_mix` logits) a run of T steps takes: 0 up to the
+    meta-training horizon T_ref, all of it from LONG_MULTIPLE x T_ref on, log-linear in T between (the two
+    horizons whose sweeps chose the mixes); 0 when T or T_ref is unknown."""
+    reference = config.reference_horizon
+    if not (total_steps and reference) or total_steps <= reference:
+        return 0.0
+    return min(1.0, math.log(total_steps / reference) / math.log(LONG_MULTIPLE))
