@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_meta import H, small, stiff_task
+from test_meta import H, one_iteration_checkpoint, small, stiff_task
 from torch import nn
 
 from l3rs import L3RS, functional, schedules
@@ -133,10 +132,7 @@ def test_an_optimizer_saved_before_long_mixes_loads_with_the_same_mix_at_every_l
 
 def test_a_checkpoint_from_before_long_mixes_resumes_with_long_priors_off(tmp_path):
     cfg = small(iterations=2)
-    train(stiff_task(), tmp_path, replace(cfg, iterations=1), progress=False)
-    path = tmp_path / "checkpoint.safetensors"
-    with safe_open(str(path), "pt") as f:
-        doc = json.loads(f.metadata()["state"])
+    path, doc = one_iteration_checkpoint(tmp_path, cfg)
     del doc["meta_config"]["long_priors"], doc["long_prior_sweep"]  # as written before session 37
     tensors = load_file(path)
     bases = len(cfg.config.bases)

@@ -627,15 +627,21 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert [r["iteration"] for r in lines] == list(range(9))
 
 
-def test_a_checkpoint_from_before_priors_resumes_as_the_uniform_prior(tmp_path):
+def one_iteration_checkpoint(tmp_path: Path, cfg: MetaConfig) -> tuple[Path, dict]:
+    """The checkpoint of `cfg`'s run stopped after one iteration, and its JSON document (to edit into an old one)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    cfg = small(iterations=2)
     train(stiff_task(), tmp_path, replace(cfg, iterations=1), progress=False)
     path = tmp_path / "checkpoint.safetensors"
     with safe_open(str(path), "pt") as f:
-        doc = json.loads(f.metadata()["state"])
+        return path, json.loads(f.metadata()["state"])
+
+
+def test_a_checkpoint_from_before_priors_resumes_as_the_uniform_prior(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = small(iterations=2)
+    path, doc = one_iteration_checkpoint(tmp_path, cfg)
     del doc["meta_config"]["priors"], doc["prior"]  # as written before priors existed
     save_file(load_file(path), path, metadata={"state": json.dumps(doc)})
     with pytest.raises(FileExistsError, match=r"other settings \(priors\)"):
