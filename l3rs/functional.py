@@ -227,7 +227,9 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
         s = s - 0.5 * (torch.logsumexp(2 * s + weights.log(), 0) - weights.sum().log())
     if config.min_log_scale is not None:
         s = s.clamp_min(config.min_log_scale)
-    logits = logits + long_share(config, total_steps) * meta["long_mix"]  # the long runs' prior, in by log T
+    share = long_share(config, total_steps)
+    if share:  # the long runs' prior, in by log T (runs up to the horizon skip it: nothing to add)
+        logits = logits + share * meta["long_mix"]
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
     return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
 

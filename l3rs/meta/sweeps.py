@@ -172,6 +172,21 @@ def placed_lr0(grid: list[float], losses: list[float], by_seed: list[list[float]
     return math.exp(vertex) if agree else grid[best]
 
 
+def _mean(losses: list[float]) -> float:
+    return sum(losses) / len(losses)  # inf where a run diverged
+
+
+def replacement(by_seed: dict[str, list[float]], first: str, others: list[str]) -> str:
+    """Which of `others` replaces `first` (each one's losses on the same seeds as `first`'s): of those lower in the
+    mean and on PRIOR_WIN_SHARE of the seeds, the lowest mean; `first` when none is."""
+    def wins(name: str) -> int:
+        return sum(b < a for a, b in zip(by_seed[first], by_seed[name], strict=True))
+
+    needed = prior_wins_needed(len(by_seed[first]))
+    lower = [name for name in others if _mean(by_seed[name]) < _mean(by_seed[first]) and wins(name) >= needed]
+    return min(lower, key=lambda name: _mean(by_seed[name])) if lower else first
+
+
 def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: Any) -> dict[str, Any]:
     """The λ0 sweep of each prior's untrained optimizer (`vectors`, in `cfg.priors` order; the later ones
     start around the first one's grid λ0) on the same seeds, then each one's grid λ0 on more training seeds (up to
@@ -195,18 +210,10 @@ def prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], run: 
             by_seed[name] += losses
         steps += sum(r.steps for r in results)
 
-    def mean(name: str) -> float:
-        return sum(by_seed[name]) / len(by_seed[name])  # inf where a run diverged
-
-    def wins(name: str) -> int:
-        return sum(b < a for a, b in zip(by_seed[first], by_seed[name], strict=True))
-
-    needed = prior_wins_needed(len(by_seed[first]))
-    lower = [name for name in others if mean(name) < mean(first) and wins(name) >= needed]
-    kept = min(lower, key=mean) if lower else first
+    kept = replacement(by_seed, first, others)
     return {**sweeps[kept], "prior": kept,
             "priors": {name: {"grid": s["grid"], "val_loss": s["val_loss"], "lr0": s["grid_lr0"],
-                              "placed_lr0": s["lr0"], "by_seed": by_seed[name], "mean": mean(name)}
+                              "placed_lr0": s["lr0"], "by_seed": by_seed[name], "mean": _mean(by_seed[name])}
                        for name, s in sweeps.items()},
             "seconds": time.perf_counter() - start, "steps": steps}
 
@@ -222,15 +229,6 @@ def _vertex(xs: list[float], losses: list[float]) -> float:
     if denominator >= 0:  # only losses under the 1e-12 clamp can tie there
         return x1
     return x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
-
-
-def clear_gain(reference: list[float], candidate: list[float], margin: float = SWEEP_MARGIN,
-               mean_margin: float = SWEEP_MEAN_MARGIN) -> bool:
-    """Whether `candidate`'s losses (per seed) beat `reference`'s on the same seeds by `margin` on every seed or
-    by `mean_margin` in their mean: a noisy gain sits on one seed, a real one on both or is large."""
-    low, high = sum(candidate) / len(candidate), sum(reference) / len(reference)
-    return math.isfinite(low) and (low * (1 + mean_margin) < high or all(
-        c * (1 + margin) < r for r, c in zip(reference, candidate, strict=True)))
 
 
 def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
@@ -263,8 +261,9 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
         (loss,), (seeds,), more = _sweep_losses(cfg, steps, vector, [lrs[-1] / factor], run, LONG_SWEEP_SEEDS, warmup)
         lrs, losses, by_seed, spent = [*lrs, lrs[-1] / factor], [*losses, loss], [*by_seed, seeds], spent + more
     best = _argmin(losses)
-    gain = clear_gain(by_seed[0], by_seed[best], margin, mean_margin)
-    if gain and best < len(lrs) - 1 and fits(2):
+    clear_gain = math.isfinite(losses[best]) and (losses[best] * (1 + mean_margin) < losses[0] or all(
+        low * (1 + margin) < high for high, low in zip(by_seed[0], by_seed[best], strict=True)))
+    if clear_gain and best < len(lrs) - 1 and fits(2):
         # a grid step apart, three points misplace a minimum whose sides differ: the text task's 4x loss rises
         # slowly toward λ0 and steeply below its minimum, and they put the vertex at λ0 / 3.1 where a finer scan
         # found λ0 / 4.2 (5% lower loss at 5x on training seeds); the half steps either side place it closer
@@ -272,7 +271,7 @@ def horizon_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: flo
         more_losses, _, more = _sweep_losses(cfg, steps, vector, halves, run, LONG_SWEEP_SEEDS, warmup)
         pairs = sorted(zip([*lrs, *halves], [*losses, *more_losses], strict=True), reverse=True)
         lrs, losses, spent = [lr for lr, _ in pairs], [v for _, v in pairs], spent + more
-    below = _vertex([math.log(lr0 / lr) / math.log(factor) for lr in lrs], losses) if gain else 0.0
+    below = _vertex([math.log(lr0 / lr) / math.log(factor) for lr in lrs], losses) if clear_gain else 0.0
     exponent = below * math.log(factor) / math.log(multiple)
     return {"multiple": multiple, "grid": lrs, "val_loss": losses, "horizon_exponent": exponent, "cut": cut,
             "lr0_by_seed": by_seed[0], "seconds": time.perf_counter() - start, "steps": spent}
@@ -302,16 +301,11 @@ def long_prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], 
     first = [name for name in vectors if name != kept or kept_by_seed is None]
     ran = dict(zip(first, losses(first, seeds[:LONG_SWEEP_SEEDS]), strict=True))
     by_seed = {name: ran.get(name, kept_by_seed) for name in vectors}
-
-    def mean(name: str) -> float:
-        return sum(by_seed[name]) / len(by_seed[name])
-
-    lower = [name for name in vectors if name != kept and mean(name) < mean(kept)]
+    lower = [name for name in vectors if name != kept and _mean(by_seed[name]) < _mean(by_seed[kept])]
     if lower and seeds[LONG_SWEEP_SEEDS:]:
         more = losses([kept, *lower], seeds[LONG_SWEEP_SEEDS:])
         by_seed |= {name: by_seed[name] + extra for name, extra in zip([kept, *lower], more, strict=True)}
-    wins = {name: sum(b < a for a, b in zip(by_seed[kept], by_seed[name], strict=True)) for name in lower}
-    chosen = [name for name in lower if mean(name) < mean(kept) and wins[name] >= prior_wins_needed(len(by_seed[kept]))]
     return {"multiple": LONG_MULTIPLE, "lr": lr, "kept": kept, "by_seed": by_seed,
-            "mean": {name: mean(name) for name in vectors}, "long_prior": min(chosen, key=mean) if chosen else kept,
+            "mean": {name: _mean(by_seed[name]) for name in vectors},
+            "long_prior": replacement(by_seed, kept, lower),  # only those lower on the first seeds ran on all
             "seconds": time.perf_counter() - start, "steps": sum(spent)}
