@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "adam-only": (["--bases", "adam"], "the blend of base directions (Adam's alone)"),
     "uniform-prior": (["--priors", "uniform"], "the prior chosen by the λ0 sweep (the uniform mix only)"),
     "no-long-mix": (["--long-priors", "none"], "the long runs' mix chosen at 4x (the prior's mix at every length)"),
+    "no-long-fallback": (["--no-long-fallback"], "the long fallback (a checkpoint better below 2x only ships with long "
+                         "runs falling back to the untrained optimizer)"),
     "no-decay": (["--weight-decay", "0"], "the decoupled weight decay (none)"),
 }
 
@@ -125,7 +127,8 @@ def main() -> None:
         report["variants"][name] = {
             "turns_off": what, "flags": flags, "lr0": info["lr"],
             "horizon_exponent": info["config"]["horizon_exponent"], "best_iteration": info["best_iteration"],
-            "validation_score": info["validation_score"], "meta_train_seconds": info["meta_train_seconds"],
+            "falls_back": info.get("falls_back", False), "validation_score": info["validation_score"],
+            "meta_train_seconds": info["meta_train_seconds"],
             "rows": rows_of(evaluation)}
         save_json(report, Path(args.out) / f"ablations-{args.task}.json")  # partial results survive a failure
     finish(report, Path(args.out) / f"ablations-{args.task}.json", start)

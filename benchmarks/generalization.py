@@ -143,7 +143,8 @@ def main() -> None:
         info = json.loads((best / "optimizer.json").read_text())
         report["tasks"][name] = {"meta_train_seconds": info["meta_train_seconds"], "iterations": info["iteration"],
                                  "seconds_by_phase": info["seconds_by_phase"],
-                                 "best_iteration": info["best_iteration"], "rows": rows_of(evaluation),
+                                 "best_iteration": info["best_iteration"],
+                                 "falls_back": info.get("falls_back", False), "rows": rows_of(evaluation),
                                  "lambda_shape": lambda_shape(best, tasks.get(name))}
         save_json(report, out / "generalization.json")  # partial results survive a later failure
     finish(report, out / "generalization.json", start)

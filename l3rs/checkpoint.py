@@ -22,8 +22,9 @@ from l3rs.version import __version__
 
 FORMAT = "l3rs-optimizer"
 # 2: horizon-relative time features and a base schedule (1.x dirs are refused); 3: `normalize` may be "snr",
-# which version-2 readers would take for True (version-2 dirs still load: their meaning is unchanged)
-FORMAT_VERSION = 3
+# which version-2 readers would take for True; 4: `config.fallback` (long runs fall back to the untrained
+# optimizer), unknown to version-3 readers (older dirs still load: their meaning is unchanged)
+FORMAT_VERSION = 4
 OLDEST_READABLE = 2
 WEIGHTS_FILE = "optimizer.safetensors"
 CONFIG_FILE = "optimizer.json"

@@ -6,7 +6,8 @@ For every tensor l (one named parameter):
     d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · b(t/T) · exp(s_l)
 
 with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding (μ's logits plus, in
-runs longer than T_ref, a share of the long runs' mix logits `long_mix`: `schedules.long_share`), and b a fixed
+runs longer than T_ref, a share of the long runs' mix logits `long_mix`: `schedules.long_share`; both moved toward
+the untrained optimizer's in such runs when the config has a `fallback`: `schedules.fall_back`), and b a fixed
 base schedule over the run's progress t/T (warm-up, then cosine decay), h(T) = min(1, T_ref/T)^α the
 step's shrinkage for runs longer than the meta-training horizon T_ref: the mixer learns a bounded
 deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from l3rs import bases as base_lib
 from l3rs import features, mixer
-from l3rs.schedules import head_ramp, horizon_scale, long_share, schedule
+from l3rs.schedules import fall_back, head_ramp, horizon_scale, long_share, schedule
 
 TensorList = list[Tensor]
 _MIXES = ("softmax", "linear")
@@ -90,6 +91,10 @@ class Config:
     # −λ0·h(T)·b(t/T)·weight_decay·θ, the scheduled step without the learned per-tensor factor (which can
     # differ by e^±3 across tensors and would make the decay's strength unpredictable)
     weight_decay: float = 0.01
+    # the untrained optimizer's mixer output (log step scale, P mix logits, P long-run mix logits) that runs longer
+    # than T_ref move to (`schedules.fall_back`), set by meta-training when its kept checkpoint beats that optimizer
+    # below 2x only (`MetaConfig.long_fallback`); None: the mixer's output at every length
+    fallback: tuple[float, ...] | None = None
     hyper: base_lib.Hyper = field(default_factory=base_lib.Hyper)
 
     def __post_init__(self) -> None:
@@ -127,6 +132,11 @@ class Config:
             raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
         if isinstance(self.hyper, dict):
             object.__setattr__(self, "hyper", base_lib.Hyper(**self.hyper))
+        if self.fallback is not None:
+            object.__setattr__(self, "fallback", tuple(float(v) for v in self.fallback))
+            if len(self.fallback) != 1 + 2 * len(self.bases):
+                raise ValueError(f"fallback holds 1 + 2 x {len(self.bases)} bases numbers (log step scale, mix "
+                                 f"logits, long-run mix logits), got {len(self.fallback)}")
 
     @property
     def use_distance(self) -> bool:
@@ -143,6 +153,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bases"] = list(self.bases)
+        if self.fallback is not None:
+            d["fallback"] = list(self.fallback)
         return d
 
     @classmethod
@@ -230,6 +242,7 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
     share = long_share(config, total_steps)
     if share:  # the long runs' prior, in by log T (runs up to the horizon skip it: nothing to add)
         logits = logits + share * meta["long_mix"]
+    s, logits = fall_back(config, s, logits, share, total_steps)  # none without a fallback or up to T_ref
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
     return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
 

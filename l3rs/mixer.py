@@ -55,6 +55,15 @@ def apply(meta: Meta, features: Tensor, index: Tensor | None = None) -> tuple[Te
     return out[:, 0], out[:, 1:]
 
 
+def untrained_output(meta: Meta) -> tuple[float, ...]:
+    """The output of meta-parameters whose last layer has no weights yet (an untrained optimizer's: the same for
+    every tensor and feature): log step scale, mix logits, long runs' mix logits (`Config.fallback`)."""
+    n = depth(meta)
+    if meta[f"layers.{n}.weight"].any():
+        raise ValueError("these meta-parameters are trained: their output depends on the features")
+    return tuple(torch.cat([meta[f"layers.{n}.bias"], meta["long_mix"]]).tolist())
+
+
 def num_params(meta: Meta) -> int:
     return sum(v.numel() for v in meta.values())
 

@@ -1,6 +1,7 @@
 """How an L3RS step depends on where it is in its run and on the run's length, apart from the learned mixer:
-the base schedule b(t/T), the backbone's ramp, the horizon exponent's h(T) and the long runs' share of the mix
-prior. Each reads the fields it needs of an `l3rs.functional.Config`; the functional step multiplies or adds them in."""
+the base schedule b(t/T), the backbone's ramp, the horizon exponent's h(T), the long runs' share of the mix prior and
+their fallback to the untrained optimizer. Each reads the fields it needs of an `l3rs.functional.Config`; the
+functional step multiplies or adds them in."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from torch import Tensor
 # A long run's mix prior (`Config.init_meta(long_lean=)`) holds in full from this multiple of the meta-training
 # horizon on: the α sweep's horizon, where meta-training compares the long runs' mixes (`sweeps.long_prior_sweep`)
 LONG_MULTIPLE = 4.0
+# From this multiple of the meta-training horizon on, an optimizer with a `Config.fallback` is the untrained one the
+# sweeps chose for long runs (its checkpoint was validated better than that one below this multiple only)
+FALLBACK_MULTIPLE = 2.0
 
 
 class Config(Protocol):
@@ -23,6 +27,7 @@ class Config(Protocol):
     backbone_warmup: float
     reference_horizon: int | None
     horizon_exponent: float
+    fallback: tuple[float, ...] | None
 
 
 def schedule(config: Config, step: int, total_steps: int | None) -> float:
@@ -62,3 +67,27 @@ def long_share(config: Config, total_steps: int | None) -> float:
     if not (total_steps and reference) or total_steps <= reference:
         return 0.0
     return min(1.0, math.log(total_steps / reference) / math.log(LONG_MULTIPLE))
+
+
+def fallback_share(config: Config, total_steps: int | None) -> float:
+    """How far a run of T steps moves from the mixer's output to the untrained optimizer's (`Config.fallback`): 0 up
+    to the meta-training horizon T_ref, all the way from FALLBACK_MULTIPLE x T_ref on, log-linear in T between; 0
+    without a fallback or when T or T_ref is unknown."""
+    reference = config.reference_horizon
+    if config.fallback is None or not (total_steps and reference) or total_steps <= reference:
+        return 0.0
+    return min(1.0, math.log(total_steps / reference) / math.log(FALLBACK_MULTIPLE))
+
+
+def fall_back(config: Config, s: Tensor, logits: Tensor, share: float,
+              total_steps: int | None) -> tuple[Tensor, Tensor]:
+    """The mixer's (s, logits) moved `fallback_share` of the way to the untrained optimizer's at this length (its
+    long mix in by `share`): exactly its from FALLBACK_MULTIPLE x T_ref on (lerp returns its end at weight 1), and
+    an untrained optimizer is unchanged by its own fallback."""
+    back = fallback_share(config, total_steps)
+    if not back:
+        return s, logits
+    p = logits.shape[-1]
+    anchor = torch.tensor(config.fallback, dtype=logits.dtype, device=logits.device)
+    anchor_logits = anchor[1:1 + p] + share * anchor[1 + p:]
+    return torch.lerp(s, anchor[0].expand_as(s), back), torch.lerp(logits, anchor_logits.expand_as(logits), back)

@@ -670,3 +670,14 @@ def test_bn_staleness_recomputes_batchnorm_statistics_on_a_copy(monkeypatch) -> 
     assert (name, method.kind, method.path) == ("mine", "l3rs", "runs/x/best")
     with pytest.raises(SystemExit, match="neither"):
         module.parse_method("adamw")
+
+
+# ---------------------------------------------------------------------------------- benchmarks/cuda_check
+def test_the_device_check_runs_its_meta_gradient_and_state_transfer_checks(monkeypatch) -> None:
+    """On a machine without CUDA the device is the CPU: the checks must still run and pass (the script is what
+    `docs/RESULTS.md` ran on a GPU; a check that breaks here would break there)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    check = importlib.import_module("benchmarks.cuda_check")
+    meta, transfer = check.check_meta_unroll(), check.check_state_dict()
+    assert meta["passed"] and transfer["passed"], (meta, transfer)
+    assert meta["worker_bptt"]["grad_norm"] > 0 and transfer["cpu_to_dev"]["state_on_target"]

@@ -10,6 +10,7 @@ import sys
 from l3rs.errors import UsageError
 from l3rs.functional import NORMALIZATIONS, SCHEDULES, STEP_BUDGETS, Config
 from l3rs.meta.config import ESTIMATOR_NAMES, HORIZON_DRAWS, OBJECTIVES, WARMUP, MetaConfig
+from l3rs.schedules import FALLBACK_MULTIPLE
 
 DEFAULT_BUDGET_MINUTES = 5.0
 MIN_BUDGET_MINUTES = 1.0  # below this the λ0 sweep and the first validation would not fit
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="estimate on the loss itself, not its log")
     parser.add_argument("--validation-horizons", default=",".join(f"{v:g}" for v in d.validation_horizons),
                         help="multiples of the horizon at which held-out validation picks the kept checkpoint")
+    parser.add_argument("--no-long-fallback", action="store_true",
+                        help="ship a meta-trained checkpoint only if it beats the untrained optimizer at every "
+                             "validation horizon; by default, when none does, the best one that beats it below 2x "
+                             "ships with runs of 2x and longer falling back to the untrained optimizer")
     parser.add_argument("--validate-every", type=int, default=d.validate_every,
                         help="iterations between held-out validations (they pick the kept checkpoint)")
     parser.add_argument("--validation-seeds", type=int, default=d.validation_seeds,
@@ -156,7 +161,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
                           horizon_exponent=args.horizon_exponent, priors=priors,
-                          long_priors=long_priors,
+                          long_priors=long_priors, long_fallback=not args.no_long_fallback,
                           horizon_range=_floats(args.horizon_range, "--horizon-range"),
                           horizon_draw=args.horizon_draw,
                           validation_horizons=_floats(args.validation_horizons, "--validation-horizons"),
@@ -235,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
                     "seed at every horizon)")
             print(f"validation seed by seed at {', '.join(map(str, info['validation_horizons']))} steps: "
                   f"kept {kept}; untrained {_by_seed(info['untrained_validation_by_seed'])}")
+        if info.get("falls_back"):  # kept for short runs only: say where it acts
+            steps = round(FALLBACK_MULTIPLE * info["horizon"])
+            print(f"long fallback: iteration {info['best_iteration']} beats the untrained optimizer below {steps} "
+                  f"steps only: runs longer than {info['horizon']} steps move to the untrained optimizer, all the way "
+                  f"from {steps} on (--no-long-fallback: ship a checkpoint only if it beats it at every horizon)")
         split = info["seconds_by_phase"]  # validation and sweeps can leave the meta-gradient little of the budget
         print("time: " + ", ".join(f"{name.replace('_', '-')} {sec:.0f} s" for name, sec in split.items()))
     return 0

@@ -38,6 +38,9 @@ class MetaConfig:
     log_objective: estimators work on log(loss), so runs of any length and tasks of any scale weigh alike.
     validation_horizons: the kept checkpoint ("best") is chosen by held-out validation at these multiples of
         the horizon (the worst of log(val loss / untrained val loss) over them).
+    long_fallback: when no checkpoint beats the untrained optimizer at every validation horizon, the best one that
+        beats it at those below 2x ships with long runs falling back to the untrained optimizer (`Config.fallback`:
+        log-linearly in T from the horizon, all of it from 2x on), whose λ0, α and long runs' mix the sweeps chose.
     selection_margin: a checkpoint replaces the untrained optimizer only if it is at least this much (relative)
         lower on every validation seed at every validation horizon (`validation.clears_noise`).
     lr0: λ0 of the L3RS being trained; None sweeps the untrained optimizer first (SPEC §5), extending the
@@ -84,6 +87,7 @@ class MetaConfig:
     horizon_exponent: float | None = None
     priors: tuple[str, ...] | None = None
     long_priors: tuple[str, ...] | None = None
+    long_fallback: bool = True
     validate_every: int = 20  # validations at 1x and 4x cost as much as ~10 iterations
     validation_seeds: int = 2
     selection_margin: float = 0.01
@@ -191,4 +195,5 @@ class MetaConfig:
         """The settings that determine the meta-parameters (resuming must keep them; workers, the budget and
         the selection margin may change)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("workers", "budget_minutes", "device",
-                                                                     "iterations", "selection_margin")}
+                                                                     "iterations", "selection_margin",
+                                                                     "long_fallback")}

@@ -52,6 +52,11 @@ class TrainState:
     best_validation_by_seed: list[list[float]] | None = None
     prior: str = "uniform"  # the untrained optimizer it started from (`MetaConfig.priors`)
     backbone_warmup: float = 0.0  # of the trained optimizer (its prior's: `MetaConfig.warmup_of`)
+    # the untrained optimizer's mixer output (`mixer.untrained_output`): what long runs of a best that falls back take
+    untrained_output: list[float] | None = None
+    # whether the best checkpoint beats the untrained optimizer only below 2x (`MetaConfig.long_fallback`): it
+    # ships with `Config.fallback`, and one that beats it at every validation horizon replaces it whatever its score
+    best_falls_back: bool = False
     particles: Particles | None = None
 
     def to_doc(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from l3rs.meta.state import CHECKPOINT, TrainState, load_checkpoint, save_checkp
 from l3rs.meta.unroll import Worker
 from l3rs.meta.validation import Validation, clears_noise, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
-from l3rs.schedules import LONG_MULTIPLE
+from l3rs.schedules import FALLBACK_MULTIPLE, LONG_MULTIPLE
 from l3rs.tasks import Task, TaskFamily
 
 METRICS = "metrics.jsonl"
@@ -126,6 +126,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
             long = sweeps.long_prior_sweep(cfg, horizon, candidates, mix, lr, run, warmup,
                                            fit["lr0_by_seed"] if reused else None)
             vector = candidates[long["long_prior"]]
+    untrained_output = list(mixer.untrained_output(mixer.unflatten(vector, opt_config.init_meta(count))))
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
@@ -139,7 +140,8 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
                       validation_seconds=validation_seconds, validation_total=validation_seconds,
                       horizon_exponent=exponent, horizon_sweep=fit, long_prior_sweep=long,
                       untrained_validation_by_seed=by_seed,
-                      best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup)
+                      best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup,
+                      untrained_output=untrained_output)
 
 
 def _open(out: Path, cfg: MetaConfig, resume: bool) -> TrainState | None:
@@ -194,9 +196,14 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
             "meta_config": {k: v for k, v in cfg.to_dict().items() if k != "config"}}  # to re-run ablations
     best = {"validation": state.best_validation and state.best_validation[0],
             "validation_by_horizon": state.best_validation, "validation_by_seed": state.best_validation_by_seed,
-            "validation_score": state.best_score, "best_iteration": state.best_iteration}
-    for name, vector, extra in (("best", state.best_vector, best), ("latest", state.vector, {})):
-        save_meta(out / name, mixer.unflatten(vector, like), opt_config, names, shapes, state.lr0, horizon,
+            "validation_score": state.best_score, "best_iteration": state.best_iteration,
+            "falls_back": state.best_falls_back}
+    # a best that beats the untrained optimizer only below 2x leaves the longer runs to it
+    fallback = tuple(state.untrained_output) if state.best_falls_back else None
+    kept = dataclasses.replace(opt_config, fallback=fallback)
+    for name, vector, config, extra in (("best", state.best_vector, kept, best),
+                                        ("latest", state.vector, opt_config, {})):
+        save_meta(out / name, mixer.unflatten(vector, like), config, names, shapes, state.lr0, horizon,
                   **info, **extra)
 
 
@@ -275,11 +282,33 @@ def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner
     state.validation_total += state.validation_seconds
     score = validation_score(val.values, state.untrained_validation)
     cleared = clears_noise(val.by_seed, state.untrained_validation_by_seed, cfg.selection_margin)
-    if score < state.best_score and cleared:
-        state.best_vector, state.best_validation = state.vector.clone(), val.values
-        state.best_validation_by_seed = val.by_seed
-        state.best_score, state.best_iteration = score, state.iteration
+    if cleared and score < (0.0 if state.best_falls_back else state.best_score):
+        _keep(state, val, score, falls_back=False)
+    elif state.best_falls_back or not state.best_iteration:  # nothing beats the untrained optimizer everywhere yet
+        short = _short_score(state, cfg, val)
+        if short is not None and short < state.best_score:
+            _keep(state, val, short, falls_back=True)
     return score, val
+
+
+def _short_score(state: TrainState, cfg: MetaConfig, val: Validation) -> float | None:
+    """The validation score over the horizons below FALLBACK_MULTIPLE x, if there are some and the values clear the
+    margin there (None otherwise, or without the long fallback): a checkpoint that may ship with long runs falling
+    back to the untrained optimizer."""
+    short = [i for i, m in enumerate(cfg.validation_horizons) if m < FALLBACK_MULTIPLE]
+    if not (cfg.long_fallback and short and state.untrained_output is not None):
+        return None
+    untrained = state.untrained_validation_by_seed
+    if untrained is not None and not clears_noise([val.by_seed[i] for i in short], [untrained[i] for i in short],
+                                                  cfg.selection_margin):
+        return None
+    return validation_score([val.values[i] for i in short], [state.untrained_validation[i] for i in short])
+
+
+def _keep(state: TrainState, val: Validation, score: float, falls_back: bool) -> None:
+    state.best_vector, state.best_validation = state.vector.clone(), val.values
+    state.best_validation_by_seed = val.by_seed
+    state.best_score, state.best_iteration, state.best_falls_back = score, state.iteration, falls_back
 
 
 def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, out: Path,
@@ -315,8 +344,8 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
         state.seconds += took
         record = {"iteration": state.iteration, "objective": est.objective, "validation": val.values if val else None,
                   "validation_by_seed": val.by_seed if val else None, "validation_score": score,
-                  "best_score": state.best_score, "grad_norm": norm, "seconds": took, "elapsed": state.seconds,
-                  "steps": state.steps, "lr0": state.lr0}
+                  "best_score": state.best_score, "best_falls_back": state.best_falls_back, "grad_norm": norm,
+                  "seconds": took, "elapsed": state.seconds, "steps": state.steps, "lr0": state.lr0}
         if lead:
             _log(out, record, writer)
             save_checkpoint(out, state, cfg)

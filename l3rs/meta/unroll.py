@@ -260,7 +260,8 @@ class Worker:
                                          backbone_warmup=job.backbone_warmup)
         if job.linearized:
             return self._linearized(job, task, config)
-        vector = job.vector.detach().clone().requires_grad_(job.grad)
+        # the meta-parameters go where the model runs (`device`); estimators get their gradient back on the CPU
+        vector = job.vector.detach().to(self.device or job.vector.device, copy=True).requires_grad_(job.grad)
         meta = mixer.unflatten(vector, self.like(task))
         graph = ("first" if self.first_order else "second") if job.grad else None
         with single_thread():
@@ -270,19 +271,19 @@ class Worker:
             meta_value = _meta_objective(job, value)
             grad = None
             if job.grad and meta_value.requires_grad and torch.isfinite(meta_value):
-                grad = torch.autograd.grad(meta_value, vector)[0].detach()
+                grad = torch.autograd.grad(meta_value, vector)[0].detach().to(job.vector.device)
         steps = (particle.state.moments.step - (job.particle.state.moments.step if job.particle else 0))
         return Result(float(value.detach()), float(meta_value.detach()), grad, particle if job.keep else None,
                       steps)
 
     def _linearized(self, job: Job, task: Task, config: Config) -> Result:
         """A whole run from the pretrained weights (bptt with truncation 0 never carries a particle)."""
-        meta = mixer.unflatten(job.vector.detach(), self.like(task))
+        meta = mixer.unflatten(job.vector.detach().to(self.device or job.vector.device), self.like(task))
         with single_thread():
             value, meta_value, particle, grads = linearized_grad(
                 task, meta, job.lr0, job.run_seed, job.horizon, config=config, objective=job.objective,
                 transform=lambda v: _meta_objective(job, v), val_subset=self.val_subset, device=self.device)
-        grad = None if grads is None else mixer.flatten(grads)
+        grad = None if grads is None else mixer.flatten(grads).to(job.vector.device)
         run = particle.state.moments.step
         return Result(float(value), float(meta_value), grad, particle if job.keep else None,
                       run if grads is None else 2 * run)  # the replay's steps are spent too
