@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_meta import H, one_iteration_checkpoint, small, stiff_task
 
-from l3rs import functional, mixer
+from l3rs import L3RS, functional, mixer
 from l3rs.cli import build_parser
 from l3rs.meta import MetaConfig, train
 from l3rs.meta.command import meta_config
@@ -132,6 +132,38 @@ def test_a_checkpoint_that_falls_back_is_the_trained_optimizer_at_its_horizon_an
     assert best["config"].fallback == mixer.untrained_output(untrained)
     for steps, (config, meta) in ((H, (latest["config"], latest["meta"])), (2 * H, (latest["config"], untrained))):
         _assert_same(best["config"], best["meta"], config, meta, steps)
+
+
+def _stepped(optimizer_for, steps: int = 3) -> list[torch.Tensor]:
+    """The stiff task's weights after `steps` steps of `optimizer_for(model)` (the optimizer class's in-place path)."""
+    task = stiff_task()
+    model = task.model_fn(0)
+    opt = optimizer_for(model)
+    x, y = task.train
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = task.loss(model(x[:32]), y[:32])
+        loss.backward()
+        opt.step(loss=loss.detach())
+    return [p.detach() for p in model.parameters()]
+
+
+def test_the_optimizer_class_falls_back_as_the_functional_step_does(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [(1.0, 1.0), (0.5, 2.0)])
+    info = _run(tmp_path, small(**{**SCRIPTED, "iterations": 1}))
+    best = load_meta(tmp_path / "best")
+    untrained = best["config"].init_meta(2, lean=info["prior"], long_lean=info["long_prior_sweep"]["long_prior"])
+    plain = replace(best["config"], fallback=None)
+
+    def stepped(path_or_meta, steps: int) -> list[torch.Tensor]:
+        if isinstance(path_or_meta, dict):
+            return _stepped(lambda m: L3RS(m.named_parameters(), lr=info["lr"], total_steps=steps, config=plain,
+                                           meta=path_or_meta))
+        return _stepped(lambda m: L3RS.from_pretrained(path_or_meta, m.named_parameters(), total_steps=steps))
+
+    for steps, other in ((2 * H, untrained), (H, load_meta(tmp_path / "latest")["meta"])):
+        for got, want in zip(stepped(tmp_path / "best", steps), stepped(other, steps), strict=True):
+            assert torch.equal(got, want)
 
 
 def test_a_checkpoint_from_before_the_fallback_resumes_without_it(tmp_path):
