@@ -63,20 +63,22 @@ def long_share(config: Config, total_steps: int | None) -> float:
     """How much of the long runs' mix prior (the mixer's `long_mix` logits) a run of T steps takes: 0 up to the
     meta-training horizon T_ref, all of it from LONG_MULTIPLE x T_ref on, log-linear in T between (the two
     horizons whose sweeps chose the mixes); 0 when T or T_ref is unknown."""
-    reference = config.reference_horizon
-    if not (total_steps and reference) or total_steps <= reference:
-        return 0.0
-    return min(1.0, math.log(total_steps / reference) / math.log(LONG_MULTIPLE))
+    return _log_ramp(config, total_steps, LONG_MULTIPLE)
 
 
 def fallback_share(config: Config, total_steps: int | None) -> float:
     """How far a run of T steps moves from the mixer's output to the untrained optimizer's (`Config.fallback`): 0 up
     to the meta-training horizon T_ref, all the way from FALLBACK_MULTIPLE x T_ref on, log-linear in T between; 0
     without a fallback or when T or T_ref is unknown."""
+    return 0.0 if config.fallback is None else _log_ramp(config, total_steps, FALLBACK_MULTIPLE)
+
+
+def _log_ramp(config: Config, total_steps: int | None, multiple: float) -> float:
+    """0 up to T_ref, 1 from `multiple` x T_ref on, log-linear in T between; 0 when T or T_ref is unknown."""
     reference = config.reference_horizon
-    if config.fallback is None or not (total_steps and reference) or total_steps <= reference:
+    if not (total_steps and reference) or total_steps <= reference:
         return 0.0
-    return min(1.0, math.log(total_steps / reference) / math.log(FALLBACK_MULTIPLE))
+    return min(1.0, math.log(total_steps / reference) / math.log(multiple))
 
 
 def fall_back(config: Config, s: Tensor, logits: Tensor, share: float,
