@@ -233,16 +233,16 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
     """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run; `sizes` (numel per
     tensor) weighs the tensors when the step budget is shared."""
     s, logits = mixer.apply(meta, x, _index(config, x.shape[0], x.device))
+    share = long_share(config, total_steps)
+    if share:  # the long runs' prior, in by log T (runs up to the horizon skip it: nothing to add)
+        logits = logits + share * meta["long_mix"]
+    s, logits = fall_back(config, s, logits, share, total_steps)  # raw: the blend then meets the budget and floor
     s = config.max_log_scale * torch.tanh(s / config.max_log_scale)
     if config.step_budget == "shared":  # Σ n_l e^{2 s_l} = Σ n_l: the RMS step over all elements is λ0·b
         weights = torch.ones_like(s) if sizes is None else sizes.to(s.dtype)
         s = s - 0.5 * (torch.logsumexp(2 * s + weights.log(), 0) - weights.sum().log())
     if config.min_log_scale is not None:
         s = s.clamp_min(config.min_log_scale)
-    share = long_share(config, total_steps)
-    if share:  # the long runs' prior, in by log T (runs up to the horizon skip it: nothing to add)
-        logits = logits + share * meta["long_mix"]
-    s, logits = fall_back(config, s, logits, share, total_steps)  # none without a fallback or up to T_ref
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
     return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
 

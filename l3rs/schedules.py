@@ -83,9 +83,10 @@ def _log_ramp(config: Config, total_steps: int | None, multiple: float) -> float
 
 def fall_back(config: Config, s: Tensor, logits: Tensor, share: float,
               total_steps: int | None) -> tuple[Tensor, Tensor]:
-    """The mixer's (s, logits) moved `fallback_share` of the way to the untrained optimizer's at this length (its
+    """The mixer's raw (s, logits) moved `fallback_share` of the way to the untrained optimizer's at this length (its
     long mix in by `share`): exactly its from FALLBACK_MULTIPLE x T_ref on (lerp returns its end at weight 1), and
-    an untrained optimizer is unchanged by its own fallback."""
+    an untrained optimizer is unchanged by its own fallback. Raw, before the bound, the shared budget and the floor
+    on s, so a blend keeps the schedule's RMS step (blended after them it stepped 3-5% under it at 1.2-1.75x)."""
     back = fallback_share(config, total_steps)
     if not back:
         return s, logits

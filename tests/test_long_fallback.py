@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -58,6 +59,18 @@ def test_long_runs_fall_back_to_the_untrained_optimizer_and_short_ones_keep_the_
     assert not torch.allclose(between, _coefficients(plain, untrained, 141)[1])
 
 
+def test_a_run_between_1x_and_2x_keeps_the_schedules_rms_step():
+    plain = functional.Config(normalize="snr", reference_horizon=T_REF, schedule="constant", min_log_scale=None)
+    untrained = plain.init_meta(3, lean="adam")
+    config = replace(plain, fallback=mixer.untrained_output(untrained))
+    trained = _trained(untrained)
+    sizes = torch.tensor([1000.0, 10.0, 1.0])
+    x = torch.linspace(-1, 1, 3 * config.num_features).reshape(3, config.num_features)
+    for steps in (T_REF, 120, 141, 175, 2 * T_REF):  # the shared budget: Σ n λ² = Σ n (λ0 = 1, constant schedule)
+        lam = functional.coefficients(config, trained, x, 1.0, 0, steps, sizes)[0]
+        assert float((sizes * lam**2).sum()) == pytest.approx(float(sizes.sum()), rel=1e-5)
+
+
 def test_an_untrained_optimizer_is_unchanged_by_its_own_fallback():
     plain = functional.Config(normalize="snr", reference_horizon=T_REF)
     untrained = plain.init_meta(3, lean="uniform", long_lean="momentum")
@@ -84,14 +97,19 @@ def test_the_long_fallback_is_on_by_default_and_off_with_its_flag():
     assert not meta_config(args).long_fallback
 
 
-def _scripted_validation(monkeypatch, script: list[tuple[float, float]]) -> None:
-    """Meta-training's validations read `script` in turn: (1x, 4x) values, the same on both validation seeds; the
-    first one is the untrained optimizer's."""
-    calls = iter(script)
+def _scripted_validation(monkeypatch, script: list[tuple[float, ...]], calls: list | None = None) -> None:
+    """Meta-training's validations read `script` in turn: one value per validation horizon, the same on both
+    validation seeds; the first one is the untrained optimizer's. `calls` collects each call's horizons."""
+    entries, current = iter(script), []
 
-    def validate(*args, **kwargs):
-        short, long = next(calls)
-        return Validation([short, long], [[short, short], [long, long]], 0)
+    def validate(*args, only=None, **kwargs):
+        if calls is not None:
+            calls.append(only)
+        if only is None or 0 in only:  # a new checkpoint: its 1x horizon runs first (alone when staged)
+            current[:] = next(entries)
+        picked = range(len(current)) if only is None else only
+        values = [v if i in picked else None for i, v in enumerate(current)]
+        return Validation(values, [None if v is None else [v, v] for v in values], len(picked))
 
     monkeypatch.setattr(meta_train, "validate", validate)
 
@@ -119,6 +137,26 @@ def test_a_checkpoint_better_only_below_2x_ships_with_the_fallback_until_one_is_
     assert _run(tmp_path / "off", small(**SCRIPTED, long_fallback=False))["best_iteration"] == 0
     _scripted_validation(monkeypatch, [untrained, (0.995, 1.5), (0.999, 0.5), (1.2, 0.5), (1.0, 0.5)])
     assert _run(tmp_path / "noise", small(**SCRIPTED))["best_iteration"] == 0  # under the 1% margin at 1x
+
+
+def test_the_4x_horizon_is_validated_only_for_a_checkpoint_that_could_be_kept(tmp_path, monkeypatch):
+    calls = []
+    _scripted_validation(monkeypatch, [(1.0, 1.0), (1.1, 0.5), (0.8, 0.9), (0.85, 0.5), (0.95, 0.1), (0.7, 0.2)],
+                         calls)
+    cfg = small(**{**SCRIPTED, "iterations": 5})
+    info = _run(tmp_path, cfg)
+    # 1: worse at 1x; 2: kept (score log 0.9); 3: at 1x log 0.85 may beat it, and does; 4: at 1x log 0.95 cannot;
+    # 5: log 0.7 at both: kept. Validating every horizon of every checkpoint would keep the same ones
+    assert calls == [None, [0], [0], [1], [0], [1], [0], [0], [1]]
+    assert (info["best_iteration"], info["falls_back"]) == (5, False)
+    assert info["validation_score"] == pytest.approx(math.log(0.7))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["validation"] for r in lines[1:]] == [[1.1, None], [0.8, 0.9], [0.85, 0.5], [0.95, None], [0.7, 0.2]]
+    assert [r["validation_score"] for r in lines[1:]] == pytest.approx(
+        [math.log(v) for v in (1.1, 0.9, 0.85, 0.95, 0.7)])  # a screened-out checkpoint's: the horizons that ran
+    _scripted_validation(monkeypatch, [(1.0,), (1.1,), (0.8,)], calls := [])
+    assert _run(tmp_path / "one", small(**{**SCRIPTED, "iterations": 2, "validation_horizons": (1.0,)}))[
+        "best_iteration"] == 2 and calls == [None, None, None]  # nothing to stage with one horizon
 
 
 def test_a_checkpoint_that_falls_back_is_the_trained_optimizer_at_its_horizon_and_the_untrained_one_from_2x(

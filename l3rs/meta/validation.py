@@ -9,6 +9,7 @@ next to the mean.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from torch import Tensor
@@ -20,25 +21,37 @@ VALIDATION_SEED = 2**61  # held-out seeds are >= this; training seeds (seed_of) 
 
 
 class Validation(NamedTuple):
-    values: list[float]  # mean objective per validation horizon (inf: a run diverged)
-    by_seed: list[list[float]]  # per validation horizon, each validation seed's objective
+    values: list[float | None]  # mean objective per validation horizon (inf: a run diverged; None: not run)
+    by_seed: list[list[float] | None]  # per validation horizon, each validation seed's objective
     steps: int  # fine-tuning steps spent
+
+    def merge(self, other: Validation) -> Validation:
+        """One validation from two that ran disjoint horizons."""
+        values = [a if a is not None else b for a, b in zip(self.values, other.values, strict=True)]
+        by_seed = [a if a is not None else b for a, b in zip(self.by_seed, other.by_seed, strict=True)]
+        return Validation(values, by_seed, self.steps + other.steps)
 
 
 def validate(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
-             horizon_exponent: float = 0.0, backbone_warmup: float = 0.0) -> Validation:
-    """Full unrolls on held-out head seeds of the family's base task (val loss, or error for val_metric).
+             horizon_exponent: float = 0.0, backbone_warmup: float = 0.0,
+             only: Sequence[int] | None = None) -> Validation:
+    """Full unrolls on held-out head seeds of the family's base task (val loss, or error for val_metric), at the
+    validation horizons whose indices are in `only` (all by default; the others read None).
 
     The base task, not perturbed family samples: the kept checkpoint must be the best for the environment
     the optimizer is made for (perturbed samples only diversify the meta-gradient)."""
     objective = "val_metric" if cfg.objective == "val_metric" else "val_loss"
-    lengths = [max(1, round(m * horizon)) for m in cfg.validation_horizons]
+    picked = range(len(cfg.validation_horizons)) if only is None else sorted(only)
+    lengths = [max(1, round(cfg.validation_horizons[i] * horizon)) for i in picked]
     seeds = cfg.validation_seeds
     jobs = [Job(None, VALIDATION_SEED + k, vector, lr0, n, n, objective, horizon_exponent=horizon_exponent,
                 backbone_warmup=backbone_warmup) for n in lengths for k in range(seeds)]
     results = run(jobs)
-    return Validation(mean_objectives(results, seeds), grouped_objectives(results, seeds),
-                      sum(r.steps for r in results))
+    values: list[float | None] = [None] * len(cfg.validation_horizons)
+    by_seed: list[list[float] | None] = [None] * len(cfg.validation_horizons)
+    for i, mean, row in zip(picked, mean_objectives(results, seeds), grouped_objectives(results, seeds), strict=True):
+        values[i], by_seed[i] = mean, row
+    return Validation(values, by_seed, sum(r.steps for r in results))
 
 
 def validation_score(values: list[float], untrained: list[float]) -> float:
