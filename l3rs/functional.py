@@ -85,7 +85,7 @@ class Config:
     # from λ0 sweeps at 1x and 4x; longer fine-tuning runs overfit at the λ0 that is best for short ones)
     horizon_exponent: float = 0.0
     # > 0: the weights to evaluate are an average of the iterates, an EMA over this fraction of the run
-    # (`average_update`): trained weights keep moving at full step, evaluated ones are always settled
+    # (`averaging.average_update`): trained weights keep moving at full step, evaluated ones are always settled
     average: float = 0.0
     # decoupled weight decay, as AdamW's (and at its default): every step also moves each weight by
     # −λ0·h(T)·b(t/T)·weight_decay·θ, the scheduled step without the learned per-tensor factor (which can
@@ -379,22 +379,3 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
 def apply_updates(params: TensorList, updates: TensorList) -> TensorList:
     """params + updates (pure; use torch._foreach_add_ for in place)."""
     return torch._foreach_add(params, updates)
-
-
-# --------------------------------------------------------------------------- averaged weights (Config.average)
-def average_weight(config: Config, steps: int, total_steps: int | None) -> float:
-    """The weight of the newest iterate after `steps` (>= 1) updates: the mean of every iterate so far until
-    the EMA's window (`config.average` of a `total_steps` run) is reached, then the EMA's 1 / window; the
-    plain mean of all iterates when T is unknown."""
-    uniform = 1.0 / (steps + 1)  # the starting weights count as the first iterate
-    return uniform if not total_steps else max(uniform, min(1.0, 1.0 / (config.average * total_steps)))
-
-
-def average_update(config: Config, average: TensorList, params: TensorList, steps: int, total_steps: int | None,
-                   inplace: bool = False) -> TensorList:
-    """Fold the weights after `steps` updates into the average (pure, or in place into `average`)."""
-    weight = average_weight(config, steps, total_steps)
-    if inplace:
-        torch._foreach_lerp_(average, params, weight)
-        return average
-    return torch._foreach_lerp(average, params, weight)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from l3rs import features, functional, mixer
+from l3rs import averaging, features, functional, mixer
 from l3rs import params as params_lib
 from l3rs.checkpoint import CheckpointError, check_meta, load_meta, match_embedding, save_meta, with_long_mix
 from l3rs.functional import Config
@@ -265,7 +265,7 @@ class L3RS(torch.optim.Optimizer):
             return loss
         torch._foreach_add_(params, updates)
         if self.config.average:
-            functional.average_update(self.config, [self.state[p]["average"] for p in params], params,
+            averaging.average_update(self.config, [self.state[p]["average"] for p in params], params,
                                       new.moments.step, self.total_steps, inplace=True)
         self._store_features(new.features, subset)
         self.state[_GLOBAL] = {**self.state[_GLOBAL], "step": new.moments.step}

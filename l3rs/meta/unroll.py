@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from l3rs import features, functional, mixer
+from l3rs import averaging, features, functional, mixer
 from l3rs.bases import Moments
 from l3rs.functional import Config
 from l3rs.io import single_thread
@@ -129,7 +129,7 @@ def unroll(
                 torch.autograd.backward(updates, cotangent)
             plist = functional.apply_updates(plist, updates)
             if average is not None:
-                average = functional.average_update(config, average, plist, state.moments.step, horizon)
+                average = averaging.average_update(config, average, plist, state.moments.step, horizon)
         if graph is None:
             plist = [p.requires_grad_(True) for p in plist]
         elif graph == "step":
