@@ -266,7 +266,7 @@ class L3RS(torch.optim.Optimizer):
         torch._foreach_add_(params, updates)
         if self.config.average:
             averaging.average_update(self.config, [self.state[p]["average"] for p in params], params,
-                                      new.moments.step, self.total_steps, inplace=True)
+                                     new.moments.step, self.total_steps, inplace=True)
         self._store_features(new.features, subset)
         self.state[_GLOBAL] = {**self.state[_GLOBAL], "step": new.moments.step}
         return loss

@@ -293,7 +293,7 @@ def _validate_into(state: TrainState, cfg: MetaConfig, horizon: int, run: Runner
     state.validation_seconds = seconds * validation_steps(cfg, horizon) / max(val.steps, 1)  # a whole one's
     ran = [i for i, v in enumerate(val.values) if v is not None]
     score = _score(state, cfg, val, ran)
-    if len(ran) == count and score is not None and score < (0.0 if state.best_falls_back else state.best_score):
+    if len(ran) == count and score is not None and score < _bar(state):
         _keep(state, val, score, falls_back=False)
     elif cfg.long_fallback and (state.best_falls_back or not state.best_iteration):  # none beats it everywhere yet
         short_score = _score(state, cfg, val, short) if short and state.untrained_output is not None else None
@@ -318,12 +318,18 @@ def _score(state: TrainState, cfg: MetaConfig, val: Validation, which: list[int]
     return validation_score([val.values[i] for i in which], [state.untrained_validation[i] for i in which])
 
 
+def _bar(state: TrainState) -> float:
+    """The score a checkpoint validated at every horizon must beat to be kept: the best's (0 while the best falls
+    back: it must then beat the untrained optimizer everywhere)."""
+    return 0.0 if state.best_falls_back else state.best_score
+
+
 def _may_keep(state: TrainState, cfg: MetaConfig, val: Validation, short: list[int]) -> bool:
     """Whether a checkpoint validated at the `short` horizons could still be kept: it clears the margin there and
-    scores below the best's score (0 while the best falls back: it must then beat the untrained optimizer
-    everywhere), since a score is the worst horizon's and the fallback tier reads the short horizons alone."""
+    scores below the bar (`_bar`), since a score is the worst horizon's and the fallback tier reads the short
+    horizons alone."""
     score = _score(state, cfg, val, short)
-    return score is not None and score < (0.0 if state.best_falls_back else state.best_score)
+    return score is not None and score < _bar(state)
 
 
 def _keep(state: TrainState, val: Validation, score: float, falls_back: bool) -> None:
