@@ -17,7 +17,8 @@ import l3rs.tasks as T
 from l3rs.tasks import backbones, data, pretraining
 from l3rs.tasks.core import TaskError, UnknownTaskError
 
-BASE_TASKS = ["mnistcnn-digits", "cnn04-mnist59", "mlp-mnist1d-shift", "effnet-mnist"]
+BASE_TASKS = ["mnistcnn-digits", "cnn04-mnist59", "cnn04-digits", "mlp-mnist1d-shift", "mlp-mnist1d-warp",
+              "effnet-mnist"]
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,26 @@ def test_builtin_task_loads_and_runs_forward(name):
     assert torch.isfinite(out).all()
     assert task.test is not None and len(task.train[0]) > task.batch_size
     assert int(task.train[1].max()) < task.meta["num_classes"]
+
+
+def test_cnn04_digits_reuses_the_cnn04_backbone_with_a_ten_way_head():
+    digits, mnist59 = T.get("cnn04-digits").model_fn(0), T.get("cnn04-mnist59").model_fn(0)
+    same = {k: v for k, v in mnist59.state_dict().items() if k.startswith("features.")}
+    assert same and all(torch.equal(v, digits.state_dict()[k]) for k, v in same.items())  # pretraining seed 0
+    assert digits.fc.weight.shape == (10, mnist59.fc.weight.shape[1]) and mnist59.fc.weight.shape[0] == 5
+    assert T.get("cnn04-digits:heldout").meta["pretrain_seed"] == 3
+
+
+def test_mlp_mnist1d_warp_is_a_fine_tuning_gap_for_the_mlp1d_backbone(monkeypatch):
+    monkeypatch.delenv("L3RS_PRETRAIN_STEPS")  # the shipped backbone, not the fixture's tiny pretraining
+    model = pretraining.pretrained_model("mlp1d", 0).eval()  # its own pretraining head: zero-shot
+    warp, shift = T.get("mlp-mnist1d-warp"), T.get("mlp-mnist1d-shift")
+    held_out = pretraining.pretrain_data("mnist1d-base")[1]
+    with torch.no_grad():
+        acc = {k: (model(x).argmax(1) == y).float().mean().item() for k, (x, y) in
+               {"warp": warp.val, "base": held_out}.items()}
+    assert 0.2 < acc["warp"] < acc["base"] - 0.1  # above chance (0.1), below the data it was pretrained on (~0.70)
+    assert warp.train[0].shape[1] == shift.train[0].shape[1] and not torch.equal(warp.val[0][:5], shift.val[0][:5])
 
 
 def test_variants_are_listed_and_shift_the_data():
