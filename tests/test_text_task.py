@@ -190,6 +190,25 @@ def test_registered_listed_and_its_shift_picked_by_evaluate():
     assert "MiniLM" in lines["minilm-chatterbot"] and "held-out topics" in lines["minilm-chatterbot:heldout"]
 
 
+def test_fewer_held_out_topics_than_main_ones_keep_the_main_head(one_thread):
+    fewer = replace(SMALL, heldout_topics=SMALL.heldout_topics[:3])
+    task = text.make_family(fewer, heldout=True).base
+    assert int(task.train[1].max()) == 2 and task.meta["num_classes"] == 3
+    assert task.model_fn(0).fc.weight.shape == (len(SMALL.topics), 384)  # one optimizer fits both
+    with pytest.raises(ValueError, match="at most 6"):
+        replace(SMALL, heldout_topics=SMALL.topics + ("humor",))
+
+
+def test_twelve_topics_variant_holds_out_other_topics_and_fits_the_corpus():
+    recipe = text.TOPICS12_RECIPE
+    assert {"minilm-chatterbot12", "minilm-chatterbot12:heldout"} <= set(T.names())
+    assert len(recipe.topics) == 12 and not set(recipe.topics) & set(recipe.heldout_topics)
+    for topics, per_class in ((recipe.topics, recipe.per_class), (recipe.heldout_topics, recipe.heldout_per_class)):
+        splits = text.select(topics, per_class, recipe.split_seed)
+        assert [len(texts) for texts, _ in splits] == [n * len(topics) for n in per_class]
+        assert not set(splits[0][0]) & (set(splits[1][0]) | set(splits[2][0]))  # no text in two splits
+
+
 @pytest.mark.slow
 def test_the_full_registered_task_builds():
     task = T.get("minilm-chatterbot")

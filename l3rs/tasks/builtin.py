@@ -36,6 +36,7 @@ family above: ``<name>:rotated`` (images rotated 90 degrees; 1-D signals time-re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from . import data
 from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
 from .core import Pair, Task, TaskFamily, init_head, random_subset
 from .pretraining import pretrained_model
-from .text import TOP3_RECIPE
+from .text import TOP3_RECIPE, TOPICS12_RECIPE
 from .text import factories as text_factories
 
 Splits = tuple[Pair, Pair, Pair]
@@ -158,38 +159,6 @@ RECIPES = {
             description="MLP pretrained on MNIST-1D (seeds 0-2; 3 held out) -> shifted MNIST-1D",
         ),
         Recipe(
-            name="cnn04-digits",
-            raw=_digits,
-            sizes=(997, 400, 400),
-            split_seed=4,
-            prepare=data.normalize_mnist,
-            invert=data.invert,
-            backbone=_cnn04_ten_classes,
-            head=("fc.weight", "fc.bias"),
-            num_classes=10,
-            batch_size=32,
-            horizon=150,
-            pretrain_seeds=(0, 1, 2),
-            held_out_seeds=(3,),
-            description="BN CNN pretrained on MNIST digits 0-4 (seeds 0-2; 3 held out) -> sklearn digits, 10-way head",
-        ),
-        Recipe(
-            name="mlp-mnist1d-warp",
-            raw=_mnist1d_warp,
-            sizes=(2000, 1000, 2000),
-            split_seed=5,
-            prepare=lambda x: x,
-            invert=lambda x: data.invert(x, -1.0, 1.0),
-            backbone=lambda s: pretrained_model("mlp1d", s),
-            head=("fc.weight", "fc.bias"),
-            num_classes=10,
-            batch_size=64,
-            horizon=200,
-            pretrain_seeds=(0, 1, 2),
-            held_out_seeds=(3,),
-            description="MLP pretrained on MNIST-1D (seeds 0-2; 3 held out) -> MNIST-1D with more noise, scale, shear",
-        ),
-        Recipe(
             name="effnet-mnist",
             raw=data.mnist5k,
             sizes=(3000, 500, 1000),
@@ -206,6 +175,29 @@ RECIPES = {
     ]
 }
 
+# Session 40: two environments never used to develop the recipe, each another dataset for a backbone above
+RECIPES |= {
+    "cnn04-digits": dataclasses.replace(
+        RECIPES["cnn04-mnist59"],
+        name="cnn04-digits",
+        raw=_digits,
+        sizes=(997, 400, 400),
+        split_seed=4,
+        backbone=_cnn04_ten_classes,
+        num_classes=10,
+        batch_size=32,
+        horizon=150,
+        description="BN CNN pretrained on MNIST digits 0-4 (seeds 0-2; 3 held out) -> sklearn digits, 10-way head",
+    ),
+    "mlp-mnist1d-warp": dataclasses.replace(
+        RECIPES["mlp-mnist1d-shift"],
+        name="mlp-mnist1d-warp",
+        raw=_mnist1d_warp,
+        sizes=(2000, 1000, 2000),
+        split_seed=5,
+        description="MLP pretrained on MNIST-1D (seeds 0-2; 3 held out) -> MNIST-1D with more noise, scale, shear",
+    ),
+}
 
 @functools.cache
 def splits(name: str, shift: str | None = None) -> Splits:
@@ -323,4 +315,4 @@ def builtin_factories() -> dict[str, tuple[Callable[[], TaskFamily], str]]:
                 functools.partial(make_family, recipe, shift),
                 f"{recipe.description}; shift: {SHIFT_TEXT[shift]}",
             )
-    return out | text_factories() | text_factories(TOP3_RECIPE)
+    return out | text_factories() | text_factories(TOP3_RECIPE) | text_factories(TOPICS12_RECIPE)
