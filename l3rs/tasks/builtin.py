@@ -36,10 +36,9 @@ family above: ``<name>:rotated`` (images rotated 90 degrees; 1-D signals time-re
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
@@ -177,7 +176,7 @@ RECIPES = {
 
 # Session 40: two environments never used to develop the recipe, each another dataset for a backbone above
 RECIPES |= {
-    "cnn04-digits": dataclasses.replace(
+    "cnn04-digits": replace(
         RECIPES["cnn04-mnist59"],
         name="cnn04-digits",
         raw=_digits,
@@ -189,7 +188,7 @@ RECIPES |= {
         horizon=150,
         description="BN CNN pretrained on MNIST digits 0-4 (seeds 0-2; 3 held out) -> sklearn digits, 10-way head",
     ),
-    "mlp-mnist1d-warp": dataclasses.replace(
+    "mlp-mnist1d-warp": replace(
         RECIPES["mlp-mnist1d-shift"],
         name="mlp-mnist1d-warp",
         raw=_mnist1d_warp,
@@ -198,6 +197,7 @@ RECIPES |= {
         description="MLP pretrained on MNIST-1D (seeds 0-2; 3 held out) -> MNIST-1D with more noise, scale, shear",
     ),
 }
+
 
 @functools.cache
 def splits(name: str, shift: str | None = None) -> Splits:
