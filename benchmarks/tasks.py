@@ -167,8 +167,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     parser.add_argument("--step-samples", type=int, default=20)
-    parser.add_argument("--tasks", default="mnistcnn-digits,cnn04-mnist59,cnn04-digits,mlp-mnist1d-shift,effnet-mnist,"
-                        "minilm-top3-chatterbot",
+    parser.add_argument("--tasks", default="mnistcnn-digits,cnn04-mnist59,cnn04-digits,mlp-mnist1d-shift,"
+                        "mlp-mnist1d-warp,effnet-mnist,minilm-top3-chatterbot",
                         help="built-in tasks whose AdamW step is timed too (their usual cache dir)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

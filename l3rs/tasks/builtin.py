@@ -15,8 +15,9 @@ Task families (`l3rs.tasks.family(name)`); `get(name)` is the family's base task
   Train 1000 / val 1000 / test 2000.
 - ``cnn04-digits``: the ``cnn04`` backbone (pretrained on MNIST digits 0-4) with a new 10-way head, fine-tuned on
   sklearn's digits at 28x28 (all ten classes: five it never saw, and another style of drawing). Added in session 40
-  as an environment never used to develop the recipe; its loss keeps falling well past its horizon (tuned AdamW:
-  ~0.07 at 150 steps, ~0.01 at 600), the regime where long runs decide. Train 997 / val 400 / test 400.
+  as an environment never used to develop the recipe; its loss keeps falling well past its horizon (a one-off
+  AdamW-cosine probe: ~0.07 at 150 steps, ~0.01 at 600), the regime where long runs decide. Train 997 / val 400 /
+  test 400.
 - ``mlp-mnist1d-warp``: the ``mlp1d`` backbone fine-tuned on another shift of MNIST-1D (another generator seed,
   larger correlated noise, scale and shear); head re-initialized. Added in session 40 as an environment never used
   to develop the recipe: long runs overfit unless the step falls. Train 2000 / val 1000 / test 2000.
