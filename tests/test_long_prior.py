@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -12,8 +13,8 @@ from test_meta import H, one_iteration_checkpoint, small, stiff_task
 from torch import nn
 
 from l3rs import L3RS, functional, schedules
-from l3rs.meta import MetaConfig, train
-from l3rs.meta.sweeps import LONG_SWEEP_SEEDS, PRIOR_SEEDS, long_prior_sweep, sweep_seeds
+from l3rs.meta import MetaConfig, sweeps, train
+from l3rs.meta.sweeps import LONG_SWEEP_SEEDS, PRIOR_SEEDS, long_prior_sweep, long_step, sweep_seeds
 from l3rs.meta.unroll import Result
 
 
@@ -90,6 +91,23 @@ def test_a_long_mix_replaces_the_kept_one_only_if_lower_in_the_mean_and_on_3_of_
     assert kept_runs == set(seeds[LONG_SWEEP_SEEDS:])  # the α sweep's λ0 runs are not run again
 
 
+def test_the_long_mix_takes_its_own_step_only_if_lower_in_the_mean_and_on_3_of_4_seeds():
+    vector, seen = torch.full((2,), 1.0), []
+    chosen = [0.9, 0.9, 0.9, 0.9]
+
+    def check(own):
+        return long_step(small(), H, vector, 0.01, 0.5, chosen, _long_runs({"uniform": [], "adam": own}, seen), 0.3)
+
+    result = check([0.8, 0.8, 0.8, 1.0])  # lower on 3 of 4, mean 0.85
+    assert result["kept"] and result["lr"] == pytest.approx(0.005) and result["by_seed"] == [0.8, 0.8, 0.8, 1.0]
+    assert {run[2:] for run in seen} == {(0.005, 4 * H, 4 * H, 0.3)} and len(seen) == 4
+    assert not check([0.8, 0.8, 1.0, 1.0])["kept"]  # lower on 2 of 4
+    assert not check([0.5, 1.0, 1.0, 1.0])["kept"]  # lower on 1, though lower in the mean
+    assert sweeps.own_lr0({"priors": {"uniform": {"placed_lr0": 0.3}, "adam+warmup": {"placed_lr0": 0.1}}},
+                          "adam") == 0.1
+    assert sweeps.own_lr0(None, "adam") is None and sweeps.own_lr0({"priors": {}}, "momentum") is None
+
+
 def test_long_priors_default_to_uniform_adam_and_momentum_among_the_bases():
     assert MetaConfig().long_priors == ("uniform", "adam", "momentum")
     assert MetaConfig(config=functional.Config(bases=("sgd", "adam"))).long_priors == ("uniform", "adam")
@@ -113,6 +131,17 @@ def test_meta_training_ships_the_long_mix_it_chose(tmp_path):
     off = json.loads((train(stiff_task(), tmp_path / "off", small(iterations=0, long_priors=()),
                             progress=False) / "optimizer.json").read_text())
     assert off["long_prior_sweep"] is None
+
+
+def test_the_long_mix_is_chosen_even_when_the_budget_leaves_no_room_for_optional_sweep_steps(tmp_path, monkeypatch):
+    # what minilm-chatterbot12's budget did: room for meta-iterations, none for the α sweep's steps down; the long
+    # runs' mix is chosen anyway (before session 41 it was left out, and long runs kept the prior's mix)
+    module = sys.modules["l3rs.meta.train"]  # (l3rs.meta.train the attribute is the function)
+    monkeypatch.setattr(module, "_alpha_room", lambda *args: lambda steps: False)
+    info = json.loads((train(stiff_task(), tmp_path, small(iterations=1), progress=False)
+                       / "optimizer.json").read_text())
+    assert info["long_prior_sweep"]["kept"] == "uniform"
+    assert set(info["long_prior_sweep"]["by_seed"]) == {"uniform", "adam", "momentum"}
 
 
 def test_an_optimizer_saved_before_long_mixes_loads_with_the_same_mix_at_every_length(tmp_path):

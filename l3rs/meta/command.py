@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="fine-tuning steps per run (default: the task's)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help=f"wall-clock budget, λ0 and α sweeps included (default {DEFAULT_BUDGET_MINUTES:g} "
-                             "unless --iterations is given); the λ0 sweep, and the α sweep's first points at 4x "
-                             "the horizon, run even past it, and the rest of the α sweep too when nothing is left "
-                             "to meta-train")
+                             "unless --iterations is given); the λ0 sweep, the α sweep's first points at 4x the "
+                             "horizon and the long runs' mix sweep run even past it, and the rest of the α sweep "
+                             "too when nothing is left to meta-train")
     parser.add_argument("--iterations", type=int, default=None,
                         help="meta-iterations (default: until the budget); 0: only the λ0 and α sweeps, "
                              "shipping the untrained optimizer")
@@ -234,6 +234,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"long runs' mix at {mixes['multiple']:g}x the horizon, λ {mixes['lr']:.3g} (mean over training "
                   "seeds): " + ", ".join(f"{name} {mixes['mean'][name]:.4g} ({len(values)} seeds)"
                                          for name, values in mixes["by_seed"].items()) + f"; {why}")
+            own = mixes.get("own_step")
+            if own:  # the chosen mix at its own step (its λ0 at 1x over the kept prior's)
+                print(f"long runs' step: {chosen} at its own λ {own['lr']:.3g} ({own['ratio']:.2f}x, its λ0 at 1x "
+                      f"over {kept}'s) {own['mean']:.4g} against {mixes['mean'][chosen]:.4g} ({seeds} seeds): "
+                      + (f"kept, α {info['config']['horizon_exponent']:.2f}" if own["kept"] else
+                         f"not lower in the mean and on {prior_wins_needed(seeds)} of {seeds} seeds"))
         if info["untrained_validation_by_seed"]:  # one run's final loss is noisy: show the seeds behind the means
             kept = (_by_seed(info["validation_by_seed"]) if info["best_iteration"] else
                     f"the untrained optimizer (no checkpoint was {100 * cfg.selection_margin:g}% lower on every "

@@ -57,8 +57,9 @@ class MetaConfig:
     long_priors: the mixes long runs may move to ("uniform" or a base's name): at 4x the horizon, at the step a
         run of that length takes, each runs as the prior sweep runs its priors, and one replaces the kept prior's
         mix for long runs only if it is lower in the mean and on 3 of 4 training seeds (`sweeps.long_prior_sweep`);
-        runs between 1x and 4x take it in log-linearly (`schedules.long_share`). None: uniform, adam and
-        momentum, those among the bases; (): off.
+        runs between 1x and 4x take it in log-linearly (`schedules.long_share`); another prior's mix also runs at
+        its own step (`sweeps.long_step`: α moves if that is lower on 3 of 4 seeds and in the mean); past the budget
+        if need be. None: uniform, adam and momentum, those among the bases; (): off.
     config: the trained optimizer's Config (default: `Config(normalize="snr")`; its backbone warm-up applies
         only when the kept prior is a "+warmup" one).
     objective: "val_metric" minimizes the validation error 1 − metric (gradient-free estimators only).

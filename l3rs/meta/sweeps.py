@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from l3rs.meta.config import MetaConfig
+from l3rs.meta.config import MetaConfig, prior_mix
 from l3rs.meta.unroll import Job, grouped_objectives, mean_objectives
 from l3rs.schedules import LONG_MULTIPLE
 from l3rs.seeds import seed_of
@@ -309,3 +309,29 @@ def long_prior_sweep(cfg: MetaConfig, horizon: int, vectors: dict[str, Tensor], 
             "mean": {name: _mean(by_seed[name]) for name in vectors},
             "long_prior": replacement(by_seed, kept, lower),  # only those lower on the first seeds ran on all
             "seconds": time.perf_counter() - start, "steps": sum(spent)}
+
+
+def own_lr0(sweep: dict[str, Any] | None, mix: str) -> float | None:
+    """The λ0 the prior sweep placed for the prior whose mix is `mix` (None: not one of its priors, or no sweep)."""
+    for name, result in (sweep or {}).get("priors", {}).items():
+        if prior_mix(name) == mix:
+            return result["placed_lr0"]
+    return None
+
+
+def long_step(cfg: MetaConfig, horizon: int, vector: Tensor, lr: float, ratio: float, by_seed: list[float],
+              run: Any, warmup: float = 0.0) -> dict[str, Any]:
+    """The long runs' mix at its own step: the mix `long_prior_sweep` chose (`vector`), run at `ratio` x the step
+    `lr` it was chosen at, on the seeds of its losses there (`by_seed`); "kept" when that is lower in the mean and on
+    PRIOR_WIN_SHARE of the seeds (the prior sweep's rule). `ratio` is that mix's own λ0 at 1x over the kept prior's
+    (the prior sweep ran both): mixes differ in how far a step of λ moves the weights (the Adam-leaning mix's
+    directions add up where the uniform mix's partly cancel), and the α sweep fitted the kept prior's. Why
+    (docs/RESULTS.md, session 41): minilm-chatterbot12's Adam-leaning long mix at the uniform mix's step read 1.7-2%
+    worse than the tuned AdamW-cosine at 2x and 5x, at its own (λ0 ratio 0.74) 0.4-0.9%."""
+    start = time.perf_counter()
+    steps, seeds = max(1, round(LONG_MULTIPLE * horizon)), sweep_seeds(cfg, PRIOR_SEEDS)[:len(by_seed)]
+    results = run(_jobs(vector, [lr * ratio], seeds, steps, warmup))
+    (losses,) = grouped_objectives(results, len(seeds))
+    kept = replacement({"chosen": by_seed, "own": losses}, "chosen", ["own"]) == "own"
+    return {"lr": lr * ratio, "ratio": ratio, "by_seed": losses, "mean": _mean(losses), "kept": kept,
+            "seconds": time.perf_counter() - start, "steps": sum(r.steps for r in results)}

@@ -115,17 +115,25 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent
     long, mix = None, prior_mix(prior)
     if any(name != mix for name in cfg.long_priors):
-        # the long runs' mix at 4x, at the step λ0 takes there; past the budget only when nothing else could run
+        # the long runs' mix at 4x, at the step λ0 takes there, past the budget if need be as the α sweep's first
+        # points: where it was left out for meta-iterations (minilm-chatterbot12), long runs kept a mix 2-3% worse
+        # at 2x and 5x than the Adam-leaning one, and the iterations kept nothing (`docs/RESULTS.md`, session 41)
         lr = lr0 * LONG_MULTIPLE ** -exponent
         reused = fit is not None and exponent == 0 and fit["multiple"] == LONG_MULTIPLE  # its λ0 runs: the mix's
         candidates = {name: initial_vector(opt_config, cfg.seed, count, prior, name)
                       for name in dict.fromkeys((mix, *cfg.long_priors))}
-        runs = ((len(candidates) - reused) * sweeps.LONG_SWEEP_SEEDS  # at most: 2 more seeds for every one
-                + len(candidates) * (sweeps.PRIOR_SEEDS - sweeps.LONG_SWEEP_SEEDS)) * round(LONG_MULTIPLE * horizon)
-        if _alpha_room(cfg, sweep, run, start, horizon)(runs):
-            long = sweeps.long_prior_sweep(cfg, horizon, candidates, mix, lr, run, warmup,
-                                           fit["lr0_by_seed"] if reused else None)
-            vector = candidates[long["long_prior"]]
+        long = sweeps.long_prior_sweep(cfg, horizon, candidates, mix, lr, run, warmup,
+                                       fit["lr0_by_seed"] if reused else None)
+        vector = candidates[long["long_prior"]]
+        own = sweeps.own_lr0(sweep, long["long_prior"]) if long["long_prior"] != mix and fit else None
+        # its own step at 4x: the kept prior's step there times its own λ0 over the kept one's (a fitted α, >= 0)
+        if own and exponent - math.log(own / lr0) / math.log(LONG_MULTIPLE) >= 0:
+            step = sweeps.long_step(cfg, horizon, vector, lr, own / lr0, long["by_seed"][long["long_prior"]], run,
+                                    warmup)
+            long |= {"own_step": step, "seconds": long["seconds"] + step["seconds"],
+                     "steps": long["steps"] + step["steps"]}
+            if step["kept"]:
+                exponent -= math.log(step["ratio"]) / math.log(LONG_MULTIPLE)
     untrained_output = list(mixer.untrained_output(mixer.unflatten(vector, opt_config.init_meta(count))))
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
