@@ -144,6 +144,20 @@ def test_the_long_mix_is_chosen_even_when_the_budget_leaves_no_room_for_optional
     assert set(info["long_prior_sweep"]["by_seed"]) == {"uniform", "adam", "momentum"}
 
 
+def test_a_long_mix_kept_at_its_own_step_moves_alpha_by_its_log_ratio_over_log_4(tmp_path, monkeypatch):
+    real_sweep, real_step = sweeps.long_prior_sweep, sweeps.long_step
+    monkeypatch.setattr(sweeps, "long_prior_sweep", lambda *a, **k: {**real_sweep(*a, **k), "long_prior": "adam"})
+    monkeypatch.setattr(sweeps, "own_lr0", lambda sweep, mix: 0.03 / 4)  # a quarter of λ0 (small(): 0.03)
+    monkeypatch.setattr(sweeps, "long_step", lambda *a, **k: {**real_step(*a, **k), "kept": True})
+    info = json.loads((train(stiff_task(), tmp_path, small(iterations=0), progress=False)
+                       / "optimizer.json").read_text())
+    long = info["long_prior_sweep"]
+    assert long["kept"] == "uniform" and long["own_step"]["ratio"] == pytest.approx(0.25)
+    assert long["own_step"]["lr"] == pytest.approx(long["lr"] / 4) and len(long["own_step"]["by_seed"]) >= 2
+    fitted = info["horizon_sweep"]["horizon_exponent"]
+    assert info["config"]["horizon_exponent"] == pytest.approx(fitted + 1.0)  # −log(1/4) / log 4
+
+
 def test_an_optimizer_saved_before_long_mixes_loads_with_the_same_mix_at_every_length(tmp_path):
     model = nn.Linear(3, 2)
     opt = L3RS(model.named_parameters(), lr=0.01, total_steps=40, config=functional.Config(reference_horizon=10))

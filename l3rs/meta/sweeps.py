@@ -327,7 +327,7 @@ def long_step(cfg: MetaConfig, horizon: int, vector: Tensor, lr: float, ratio: f
     (the prior sweep ran both): mixes differ in how far a step of λ moves the weights (the Adam-leaning mix's
     directions add up where the uniform mix's partly cancel), and the α sweep fitted the kept prior's. Why
     (docs/RESULTS.md, session 41): minilm-chatterbot12's Adam-leaning long mix at the uniform mix's step read 1.7-2%
-    worse than the tuned AdamW-cosine at 2x and 5x, at its own (λ0 ratio 0.74) 0.4-0.9%."""
+    worse than the tuned AdamW-cosine at 2x and 5x, at its own (λ0 ratio 0.74) 0.3-0.8%."""
     start = time.perf_counter()
     steps, seeds = max(1, round(LONG_MULTIPLE * horizon)), sweep_seeds(cfg, PRIOR_SEEDS)[:len(by_seed)]
     results = run(_jobs(vector, [lr * ratio], seeds, steps, warmup))

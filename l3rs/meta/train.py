@@ -127,7 +127,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         vector = candidates[long["long_prior"]]
         own = sweeps.own_lr0(sweep, long["long_prior"]) if long["long_prior"] != mix and fit else None
         # its own step at 4x: the kept prior's step there times its own λ0 over the kept one's (a fitted α, >= 0)
-        if own and exponent - math.log(own / lr0) / math.log(LONG_MULTIPLE) >= 0:
+        if own and own != lr0 and exponent - math.log(own / lr0) / math.log(LONG_MULTIPLE) >= 0:
             step = sweeps.long_step(cfg, horizon, vector, lr, own / lr0, long["by_seed"][long["long_prior"]], run,
                                     warmup)
             long |= {"own_step": step, "seconds": long["seconds"] + step["seconds"],
