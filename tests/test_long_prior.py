@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 
 import pytest
@@ -131,17 +130,6 @@ def test_meta_training_ships_the_long_mix_it_chose(tmp_path):
     off = json.loads((train(stiff_task(), tmp_path / "off", small(iterations=0, long_priors=()),
                             progress=False) / "optimizer.json").read_text())
     assert off["long_prior_sweep"] is None
-
-
-def test_the_long_mix_is_chosen_even_when_the_budget_leaves_no_room_for_optional_sweep_steps(tmp_path, monkeypatch):
-    # what minilm-chatterbot12's budget did: room for meta-iterations, none for the α sweep's steps down; the long
-    # runs' mix is chosen anyway (before session 41 it was left out, and long runs kept the prior's mix)
-    module = sys.modules["l3rs.meta.train"]  # (l3rs.meta.train the attribute is the function)
-    monkeypatch.setattr(module, "_alpha_room", lambda *args: lambda steps: False)
-    info = json.loads((train(stiff_task(), tmp_path, small(iterations=1), progress=False)
-                       / "optimizer.json").read_text())
-    assert info["long_prior_sweep"]["kept"] == "uniform"
-    assert set(info["long_prior_sweep"]["by_seed"]) == {"uniform", "adam", "momentum"}
 
 
 def test_a_long_mix_kept_at_its_own_step_moves_alpha_by_its_log_ratio_over_log_4(tmp_path, monkeypatch):

@@ -533,9 +533,10 @@ def test_a_budget_without_room_for_the_alpha_sweep_still_runs_its_first_points_a
     fit = info["horizon_sweep"]
     assert fit["multiple"] == sweeps.LONG_SWEEP and fit["steps"] == sweeps.LONG_SWEEP_START * 2 * 4 * H
     # its first points ran though the budget had no room; a step down or the half steps, had they been asked for,
-    # were refused, and so was the long runs' mix comparison (the last ask)
-    assert len(fit["grid"]) == sweeps.LONG_SWEEP_START and fit["cut"] is bool(asked[:-1])
-    assert info["long_prior_sweep"] is None and asked[-1] > 0
+    # were refused; the long runs' mix comparison runs without asking (since session 41; before, it was refused)
+    assert len(fit["grid"]) == sweeps.LONG_SWEEP_START and fit["cut"] is bool(asked)
+    assert set(info["long_prior_sweep"]["by_seed"]) == {"uniform", "adam", "momentum"}
+    assert info["long_prior_sweep"]["long_prior"] == "uniform"
     assert info["config"]["horizon_exponent"] == fit["horizon_exponent"]
 
 
