@@ -127,13 +127,13 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         vector = candidates[long["long_prior"]]
         own = sweeps.own_lr0(sweep, long["long_prior"]) if long["long_prior"] != mix and fit else None
         # its own step at 4x: the kept prior's step there times its own λ0 over the kept one's (a fitted α, >= 0)
-        if own and own != lr0 and exponent - math.log(own / lr0) / math.log(LONG_MULTIPLE) >= 0:
-            step = sweeps.long_step(cfg, horizon, vector, lr, own / lr0, long["by_seed"][long["long_prior"]], run,
-                                    warmup)
+        ratio = own / lr0 if own else 1.0  # 1: nothing to compare
+        moved = exponent - math.log(ratio) / math.log(LONG_MULTIPLE)
+        if ratio != 1.0 and moved >= 0:
+            step = sweeps.long_step(cfg, horizon, vector, lr, ratio, long["by_seed"][long["long_prior"]], run, warmup)
             long |= {"own_step": step, "seconds": long["seconds"] + step["seconds"],
                      "steps": long["steps"] + step["steps"]}
-            if step["kept"]:
-                exponent -= math.log(step["ratio"]) / math.log(LONG_MULTIPLE)
+            exponent = moved if step["kept"] else exponent
     untrained_output = list(mixer.untrained_output(mixer.unflatten(vector, opt_config.init_meta(count))))
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
