@@ -70,7 +70,7 @@ class Recipe:
     split_seed: int
     prepare: Callable[[Tensor], Tensor]  # raw inputs -> model inputs
     invert: Callable[[Tensor], Tensor]  # the "inverted" shift, applied to raw inputs
-    backbone: Callable[[int], nn.Module]  # pretraining seed -> pretrained model
+    backbone: Callable[[int], nn.Module]  # pretraining seed -> pretrained model (its head resized by `build_model`)
     head: tuple[str, ...]
     num_classes: int
     batch_size: int
@@ -92,13 +92,6 @@ def _mnist59() -> Pair:
 
 def _mnist1d_shift() -> Pair:
     return data.mnist1d(**data.MNIST1D_SHIFT)
-
-
-def _cnn04_ten_classes(seed: int) -> nn.Module:
-    """The cnn04 backbone of pretraining seed `seed` with a 10-way head (initialized later by `init_head`)."""
-    model = pretrained_model("cnn04", seed)
-    model.fc = nn.Linear(model.fc.in_features, 10)
-    return model
 
 
 def _mnist1d_warp() -> Pair:
@@ -165,7 +158,7 @@ RECIPES = {
             split_seed=3,
             prepare=_effnet_prepare,
             invert=data.invert,
-            backbone=lambda s: efficientnet_lite0(num_classes=10),
+            backbone=lambda s: efficientnet_lite0(),
             head=EFFNET_HEAD,
             num_classes=10,
             batch_size=32,
@@ -183,7 +176,6 @@ RECIPES |= {
         raw=_digits,
         sizes=(997, 400, 400),
         split_seed=4,
-        backbone=_cnn04_ten_classes,
         num_classes=10,
         batch_size=32,
         horizon=150,
@@ -222,7 +214,18 @@ def build_model(name: str, pretrain_seed: int, offset: int | None, seed: int) ->
     """
     recipe = RECIPES[name]
     head_seed = seed if offset is None else seed_of(offset, seed)
-    return init_head(recipe.backbone(pretrain_seed), recipe.head, head_seed)
+    model = _head_of_width(recipe.backbone(pretrain_seed), recipe.head, recipe.num_classes)
+    return init_head(model, recipe.head, head_seed)
+
+
+def _head_of_width(model: nn.Module, head: tuple[str, ...], num_classes: int) -> nn.Module:
+    """`model` with a `num_classes`-way head: a new Linear where the pretrained one's width differs (cnn04's 5
+    classes on the 10 digits); `init_head` sets its values either way."""
+    path = head[0].rsplit(".", 1)[0]
+    layer = model.get_submodule(path)
+    if layer.out_features != num_classes:
+        model.set_submodule(path, nn.Linear(layer.in_features, num_classes))
+    return model
 
 
 def _task(
