@@ -556,6 +556,15 @@ def test_a_budget_without_room_for_the_sweeps_or_validation_still_sweeps_and_shi
     assert [r["iteration"] for r in lines] == [0] and lines[0]["validation"] is None
 
 
+def test_the_sweeps_show_their_phase_and_count_their_fine_tuning_steps(tmp_path, capsys):
+    cfg = small(iterations=0, lr0=None, lr0_grid=(0.01, 0.03))
+    info = json.loads((train(stiff_task(), tmp_path, cfg, progress=True) / "optimizer.json").read_text())
+    err = capsys.readouterr().err
+    for phase in ("λ0 and prior", "α at 4x", "long runs' mix at 4x"):
+        assert f"meta-train: {phase}" in err
+    assert f"long runs' mix at 4x: {info['meta_train_steps']}step " in err  # every job's steps, as they ended
+
+
 # ------------------------------------------------------------------------------------ a real task
 def _digits_config(**kw) -> MetaConfig:
     base = dict(estimator="bptt", horizon=30, truncation=10, iterations=10,

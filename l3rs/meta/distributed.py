@@ -97,6 +97,7 @@ class Runner:
         self.worker = worker
         self.rank, self.world = init_from_env()
         self.pool = None
+        self.progress: Callable[[int], None] | None = None  # told each finished job's fine-tuning steps
         if workers > 1:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self.pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method),
@@ -104,11 +105,17 @@ class Runner:
 
     def __call__(self, jobs: list[Job]) -> list[Result]:
         mine = jobs[self.rank::self.world]
-        results = list(self.pool.map(_run_job, mine)) if self.pool else [self.worker(j) for j in mine]
+        results = []
+        for result in self.pool.map(_run_job, mine) if self.pool else map(self.worker, mine):
+            results.append(result)
+            if self.progress:
+                self.progress(result.steps)
         if self.world == 1:
             return results
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, results)
+        if self.progress:  # the other ranks' steps, once they are in
+            self.progress(sum(r.steps for rank, part in enumerate(gathered) if rank != self.rank for r in part))
         out: list[Any] = [None] * len(jobs)
         for rank, part in enumerate(gathered):
             out[rank::self.world] = part

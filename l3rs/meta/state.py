@@ -20,6 +20,7 @@ from l3rs.meta.estimators import Particles
 from l3rs.meta.unroll import pack, unpack
 
 CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"  # one JSON line per meta-iteration
 _TENSORS = ("vector", "adam_m", "adam_v", "best_vector")
 
 
@@ -58,6 +59,12 @@ class TrainState:
     # ships with `Config.fallback`, and one that beats it at every validation horizon replaces it whatever its score
     best_falls_back: bool = False
     particles: Particles | None = None
+
+    def seconds_by_phase(self) -> dict[str, float]:
+        """Where the meta-training time went: the sweeps, validations, and the meta-iterations (the rest)."""
+        sweeps = sum(s["seconds"] for s in (self.lr0_sweep, self.horizon_sweep, self.long_prior_sweep) if s)
+        return {"sweeps": sweeps, "validation": self.validation_total,
+                "meta_iterations": max(0.0, self.seconds - sweeps - self.validation_total)}
 
     def to_doc(self) -> dict[str, Any]:
         """The JSON part of the checkpoint (tensors and particles go to safetensors)."""
@@ -106,3 +113,20 @@ def load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
                   for i, present in enumerate(layout["present"])]
         particles = Particles(states, layout["alive"], tensors.get("particle_noise"), layout["runs"])
     return TrainState(**doc, **{k: tensors[k] for k in _TENSORS}, particles=particles)
+
+
+def open_run(out: Path, cfg: MetaConfig, resume: bool) -> TrainState | None:
+    """Prepare the run directory `out`: the checkpoint to resume from (None: start fresh), its metrics trimmed to
+    it; refuses to overwrite a checkpoint without `resume`."""
+    if (out / CHECKPOINT).exists() and not resume:
+        raise FileExistsError(f"{out} already holds a meta-training checkpoint: pass --resume (resume=True) "
+                              "to continue it, or choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(out, cfg) if resume else None
+    metrics = out / METRICS
+    kept = []
+    if state is not None and metrics.exists():  # drop lines of iterations the checkpoint does not hold
+        kept = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= state.iteration]
+    metrics.write_text("".join(line + "\n" for line in kept))
+    return state

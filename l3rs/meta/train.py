@@ -29,14 +29,12 @@ from l3rs.meta import sweeps
 from l3rs.meta.config import MetaConfig, prior_mix
 from l3rs.meta.distributed import Runner, broadcast
 from l3rs.meta.estimators import ESTIMATORS, Context
-from l3rs.meta.state import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
+from l3rs.meta.state import METRICS, TrainState, open_run, save_checkpoint
 from l3rs.meta.unroll import Worker
 from l3rs.meta.validation import Validation, clears_noise, validate, validation_due, validation_score, validation_steps
 from l3rs.optim import save_meta
 from l3rs.schedules import FALLBACK_MULTIPLE, LONG_MULTIPLE
 from l3rs.tasks import Task, TaskFamily
-
-METRICS = "metrics.jsonl"
 
 
 def _family(task_or_family: Task | TaskFamily) -> TaskFamily:
@@ -101,15 +99,18 @@ def _alpha_room(cfg: MetaConfig, sweep: dict[str, Any] | None, run: Any, start: 
     return room
 
 
-def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any) -> TrainState:
+def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizon: int, run: Any,
+                 phase: Callable[[str], None]) -> TrainState:
     start = time.perf_counter()
     count = len(_tensors(family)[0])
     vectors = {prior: initial_vector(opt_config, cfg.seed, count, prior) for prior in cfg.priors}
+    phase("λ0 and prior" if cfg.lr0 is None else "sweeps")
     sweep = None if cfg.lr0 is not None else sweeps.prior_sweep(cfg, horizon, vectors, run)
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
     fit = None
     if cfg.horizon_exponent is None:  # at 4x the horizon, its first points past the budget if need be
+        phase(f"α at {sweeps.LONG_SWEEP:g}x")
         fit = sweeps.horizon_exponent_fit(cfg, horizon, vector, lr0, run, warmup,
                                           _alpha_room(cfg, sweep, run, start, horizon))
     exponent = fit["horizon_exponent"] if fit else cfg.horizon_exponent
@@ -119,6 +120,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
         # points: where it was left out for meta-iterations (minilm-chatterbot12), long runs kept a mix 2-3% worse
         # at 2x and 5x than the Adam-leaning one, and the iterations kept nothing (`docs/RESULTS.md`, session 41)
         lr = lr0 * LONG_MULTIPLE ** -exponent
+        phase(f"long runs' mix at {LONG_MULTIPLE:g}x")
         reused = fit is not None and exponent == 0 and fit["multiple"] == LONG_MULTIPLE  # its λ0 runs: the mix's
         candidates = {name: initial_vector(opt_config, cfg.seed, count, prior, name)
                       for name in dict.fromkeys((mix, *cfg.long_priors))}
@@ -138,6 +140,7 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     validation_start, val, validation_seconds = time.perf_counter(), None, 0.0
     # the first validation and a final one (of whatever meta-training then does) must fit the budget
     if cfg.iterations > 0 and _fits(cfg, sweep, 2 * validation_steps(cfg, horizon), validation_start - start, run):
+        phase("untrained validation")
         val = validate(cfg, horizon, vector, lr0, run, exponent, warmup)
         validation_seconds = time.perf_counter() - validation_start
     values, by_seed = (val.values, val.by_seed) if val else (None, None)
@@ -150,22 +153,6 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
                       untrained_validation_by_seed=by_seed,
                       best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup,
                       untrained_output=untrained_output)
-
-
-def _open(out: Path, cfg: MetaConfig, resume: bool) -> TrainState | None:
-    """The checkpoint to resume from (None: start fresh); refuses to overwrite one without `resume`."""
-    if (out / CHECKPOINT).exists() and not resume:
-        raise FileExistsError(f"{out} already holds a meta-training checkpoint: pass --resume (resume=True) "
-                              "to continue it, or choose another output directory")
-    out.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(out, cfg) if resume else None
-    metrics = out / METRICS
-    kept = []
-    if state is not None and metrics.exists():  # drop lines of iterations the checkpoint does not hold
-        kept = [line for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= state.iteration]
-    metrics.write_text("".join(line + "\n" for line in kept))
-    return state
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -200,7 +187,7 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
             "untrained_validation": state.untrained_validation and state.untrained_validation[0],
             "untrained_validation_by_horizon": state.untrained_validation,
             "untrained_validation_by_seed": state.untrained_validation_by_seed,
-            "seconds_by_phase": seconds_by_phase(state),
+            "seconds_by_phase": state.seconds_by_phase(),
             "meta_config": {k: v for k, v in cfg.to_dict().items() if k != "config"}}  # to re-run ablations
     best = {"validation": state.best_validation and state.best_validation[0],
             "validation_by_horizon": state.best_validation, "validation_by_seed": state.best_validation_by_seed,
@@ -213,13 +200,6 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
                                         ("latest", state.vector, opt_config, {})):
         save_meta(out / name, mixer.unflatten(vector, like), config, names, shapes, state.lr0, horizon,
                   **info, **extra)
-
-
-def seconds_by_phase(state: TrainState) -> dict[str, float]:
-    """Where the meta-training time went: the λ0 and α sweeps, validations, and the meta-iterations (the rest)."""
-    sweeps = sum(s["seconds"] for s in (state.lr0_sweep, state.horizon_sweep, state.long_prior_sweep) if s)
-    return {"sweeps": sweeps, "validation": state.validation_total,
-            "meta_iterations": max(0.0, state.seconds - sweeps - state.validation_total)}
 
 
 def _tensorboard(out: Path) -> Any:
@@ -253,14 +233,20 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
     opt_config = optimizer_config(cfg, horizon)
     runner = Runner(Worker(family, opt_config, cfg.first_order, cfg.val_subset, cfg.device), cfg.workers)
     try:
-        state = broadcast(lambda: _open(out, cfg, resume), runner.rank, runner.world)
+        state = broadcast(lambda: open_run(out, cfg, resume), runner.rank, runner.world)
         if state is None:
             if progress and runner.rank == 0 and cfg.lr0 is None:
                 priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
                            + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon to fit α"
                                        if cfg.horizon_exponent is None else ""))
-            state = _fresh_state(family, cfg, opt_config, horizon, runner)
+            # the sweeps run many whole fine-tuning runs (minutes on heavy tasks): count their steps as they end
+            bar = tqdm(desc="meta-train", unit="step", disable=not (progress and runner.rank == 0))
+            runner.progress = bar.update
+            state = _fresh_state(family, cfg, opt_config, horizon, runner,
+                                 lambda name: bar.set_description_str(f"meta-train: {name}"))
+            runner.progress = None
+            bar.close()
             state.seconds = runner.agree(state.seconds)
             if progress and runner.rank == 0 and cfg.budget_minutes and state.seconds > 60 * cfg.budget_minutes:
                 tqdm.write(f"meta-train: the λ0 and α sweeps took {state.seconds:.0f} s, past the budget of "
