@@ -88,6 +88,14 @@ def test_variants_are_listed_and_shift_the_data():
     assert not torch.allclose(inverted.train[0], base.train[0])
     assert torch.equal(permuted.train[0], base.train[0])
     assert (permuted.train[1] != base.train[1]).all()  # a permutation without fixed points
+    fewer = T.get("mnistcnn-digits:fewer")  # a fixed quarter of the training examples, the same val and test sets
+    rows = {r.numpy().tobytes() for r in base.train[0]}
+    assert len(fewer.train[0]) == round(0.25 * len(base.train[0])) and fewer.meta["shift"] == "fewer"
+    assert all(r.numpy().tobytes() in rows for r in fewer.train[0])
+    assert torch.equal(fewer.val[0], base.val[0]) and torch.equal(fewer.test[0], base.test[0])
+    assert torch.equal(T.get("mnistcnn-digits:fewer").train[0], fewer.train[0])  # the same quarter every time
+    sample = T.family("mnistcnn-digits:fewer").sample(3)  # its family subsets the quarter, as every family does
+    assert {r.numpy().tobytes() for r in sample.train[0]} <= {r.numpy().tobytes() for r in fewer.train[0]}
 
 
 def test_mnist_cnn_scores_95_on_mnist5k_and_has_a_gap_on_digits():

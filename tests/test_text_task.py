@@ -145,6 +145,17 @@ def test_family_samples_subsets_of_the_main_training_split(family, heldout):
     assert shapes == {n: p.shape for n, p in heldout.base.model_fn(0).named_parameters()}  # one optimizer fits both
 
 
+def test_the_fewer_shift_trains_on_a_fixed_quarter_of_the_main_training_texts(family):
+    fewer = text.make_family(SMALL, shift="fewer")
+    assert fewer.name == f"{SMALL.name}:fewer" and fewer.base.meta["shift"] == "fewer"
+    assert len(fewer.base.train[0]) == round(0.25 * len(family.base.train[0]))
+    assert _rows(fewer.base.train[0]) <= _rows(family.base.train[0])
+    assert torch.equal(fewer.base.val[0], family.base.val[0]) and torch.equal(fewer.base.test[0], family.base.test[0])
+    assert _rows(fewer.sample(0).train[0]) <= _rows(fewer.base.train[0])
+    assert "inputs_from" not in fewer.base.meta  # a subset: the fingerprint hashes its values
+    assert f"{text.RECIPE.name}:fewer" in T.names() and "fewer" in SHIFT_SCENARIOS
+
+
 def test_the_fingerprint_hashes_what_the_inputs_are_encoded_from_not_their_machine_rounded_values(family, heldout):
     from l3rs.evaluate.reuse import task_fingerprint
 
@@ -183,11 +194,13 @@ def test_tasks_pickle_for_worker_processes(family):
 
 def test_registered_listed_and_its_shift_picked_by_evaluate():
     assert {"minilm-chatterbot", "minilm-chatterbot:heldout"} <= set(T.names())
-    assert [s for s in SHIFT_SCENARIOS if f"minilm-chatterbot:{s}" in T.names()] == ["heldout"]  # --shifts auto
+    offered = [s for s in SHIFT_SCENARIOS if f"minilm-chatterbot:{s}" in T.names()]  # --shifts auto
+    assert offered == ["heldout", "fewer"]
     proc = subprocess.run([sys.executable, "-m", "l3rs", "tasks"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
     assert "MiniLM" in lines["minilm-chatterbot"] and "held-out topics" in lines["minilm-chatterbot:heldout"]
+    assert "a quarter of the training texts" in lines["minilm-chatterbot:fewer"]
 
 
 def test_fewer_held_out_topics_than_main_ones_keep_the_main_head(one_thread):

@@ -45,7 +45,7 @@ from l3rs.results import (
     save,
 )
 
-SHIFT_SCENARIOS = ("heldout", "rotated", "inverted", "permuted")  # task variants evaluated at 1x if offered
+SHIFT_SCENARIOS = ("heldout", "rotated", "inverted", "permuted", "fewer")  # task variants evaluated at 1x if offered
 
 
 @dataclass

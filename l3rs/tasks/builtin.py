@@ -31,8 +31,9 @@ or a ±4 circular shift of 1-D signals, plus noise); the shifts below are held o
 
 Dataset shifts, usable as "unseen datasets" (same backbone, same splits, transformed data), for every
 family above: ``<name>:rotated`` (images rotated 90 degrees; 1-D signals time-reversed),
-``<name>:inverted`` (images 1 - x before normalization; 1-D signals negated) and ``<name>:permuted``
-(labels relabelled by a fixed permutation without fixed points).
+``<name>:inverted`` (images 1 - x before normalization; 1-D signals negated), ``<name>:permuted``
+(labels relabelled by a fixed permutation without fixed points) and ``<name>:fewer`` (a fixed quarter of the
+training examples; meta-training's tasks train on random 75% subsets).
 """
 
 from __future__ import annotations
@@ -46,17 +47,18 @@ from torch import Tensor, nn
 from ..seeds import seed_of
 from . import data
 from .backbones import EFFNET_HEAD, MNIST_CNN_HEAD, efficientnet_lite0, mnist_cnn
-from .core import Pair, Task, TaskFamily, init_head, random_subset
+from .core import Pair, Task, TaskFamily, fewer, init_head, random_subset
 from .pretraining import pretrained_model
 from .text import TOP3_RECIPE, TOPICS12_RECIPE
 from .text import factories as text_factories
 
 Splits = tuple[Pair, Pair, Pair]
-SHIFTS = ("rotated", "inverted", "permuted")
+SHIFTS = ("rotated", "inverted", "permuted", "fewer")
 SHIFT_TEXT = {
     "rotated": "inputs rotated 90 degrees (1-D signals: time-reversed)",
     "inverted": "inputs inverted (1-D signals: negated)",
     "permuted": "labels permuted",
+    "fewer": "a quarter of the training examples (the same validation and test sets)",
 }
 
 
@@ -204,7 +206,8 @@ def splits(name: str, shift: str | None = None) -> Splits:
         x = data.rotate(x).contiguous()
     if shift == "permuted":
         y = data.permute_labels(y, recipe.num_classes, seed=0)
-    return data.split((x, y), recipe.sizes, seed=recipe.split_seed)  # type: ignore[return-value]
+    train, val, test = data.split((x, y), recipe.sizes, seed=recipe.split_seed)
+    return (fewer(train) if shift == "fewer" else train), val, test
 
 
 def build_model(name: str, pretrain_seed: int, offset: int | None, seed: int) -> nn.Module:

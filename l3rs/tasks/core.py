@@ -259,6 +259,17 @@ def offset_heads(task: Task, seed: int) -> Task:
     )
 
 
+# The ":fewer" shift: a fixed quarter of the training examples (the same validation and test sets). The family's
+# meta-training tasks train on random 75% subsets; this size stays out of meta-training. Seed 4242: session 42's
+# probe drew the same subsets, so its figures reproduce.
+FEWER_FRACTION, FEWER_SEED = 0.25, 4242
+
+
+def fewer(train: Pair) -> Pair:
+    """The ":fewer" shift's training set: a fixed quarter of `train`."""
+    return random_subset(train, FEWER_SEED, FEWER_FRACTION)
+
+
 def random_subset(pair: Pair, seed: int, fraction: float) -> Pair:
     """A seeded random subset of an (inputs, targets) pair, `fraction` of its length (at least 1)."""
     n = len(pair[0])

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from l3rs.io import atomic_write
 
 from ..seeds import seed_of
-from .core import Pair, Task, TaskError, TaskFamily, init_head, random_subset
+from .core import Pair, Task, TaskError, TaskFamily, fewer, init_head, random_subset
 from .pretraining import cache_dir
 
 VERSION = 1
@@ -306,44 +306,54 @@ def build_model(recipe: TextRecipe, num_classes: int, offset: int | None, seed: 
     return init_head(model, HEAD, seed if offset is None else seed_of(offset, seed))
 
 
+def _training(recipe: TextRecipe, heldout: bool, shift: str | None) -> Pair:
+    """The training split of the main or held-out topics, or its fixed quarter (the ":fewer" shift)."""
+    train = splits(recipe, heldout)[0]
+    return fewer(train) if shift == "fewer" else train
+
+
 def _task(recipe: TextRecipe, name: str, heldout: bool, train: Pair | None = None,
-          offset: int | None = None) -> Task:
-    tr, val, test = splits(recipe, heldout)
+          offset: int | None = None, shift: str | None = None) -> Task:
+    _, val, test = splits(recipe, heldout)
     topics = recipe.heldout_topics if heldout else recipe.topics
-    meta = {"family": recipe.name, "shift": "heldout" if heldout else None, "num_classes": len(topics),
+    meta = {"family": recipe.name, "shift": "heldout" if heldout else shift, "num_classes": len(topics),
             "topics": list(topics), "description": recipe.description, "recipe": asdict(recipe)}
     if offset is not None:
         meta["family_seed"] = offset
-    if train is None:  # the whole training split: the inputs are exactly the encoded texts
+    if train is None and shift is None:  # the whole training split: the inputs are exactly the encoded texts
         meta["inputs_from"] = inputs_from(recipe, heldout)
     # the main topics' head width for the held-out ones too (their labels use its first outputs): one meta-trained
     # optimizer fits both, as `l3rs evaluate` needs for the shift (minilm-chatterbot12 holds out 6 of 12)
     model_fn = functools.partial(build_model, recipe, len(recipe.topics), offset)
-    return Task(name, model_fn, train if train is not None else tr, val, test, batch_size=recipe.batch_size,
-                horizon=recipe.horizon, head=HEAD, meta=meta)
+    return Task(name, model_fn, train if train is not None else _training(recipe, heldout, shift), val, test,
+                batch_size=recipe.batch_size, horizon=recipe.horizon, head=HEAD, meta=meta)
 
 
-def family_name(recipe: TextRecipe, heldout: bool) -> str:
-    return recipe.name + (":heldout" if heldout else "")
+def family_name(recipe: TextRecipe, heldout: bool, shift: str | None = None) -> str:
+    return recipe.name + (":heldout" if heldout else "") + (f":{shift}" if shift else "")
 
 
-def sample_task(recipe: TextRecipe, heldout: bool, seed: int) -> Task:
+def sample_task(recipe: TextRecipe, heldout: bool, seed: int, shift: str | None = None) -> Task:
     """Task `seed` of the family: a seeded 75% subset of the training split and head seeds offset by `seed`."""
-    train = random_subset(splits(recipe, heldout)[0], seed_of(seed, 11), recipe.subset)
-    return _task(recipe, f"{family_name(recipe, heldout)}#{seed}", heldout, train=train, offset=seed)
+    train = random_subset(_training(recipe, heldout, shift), seed_of(seed, 11), recipe.subset)
+    return _task(recipe, f"{family_name(recipe, heldout, shift)}#{seed}", heldout, train=train, offset=seed,
+                 shift=shift)
 
 
-def make_family(recipe: TextRecipe = RECIPE, heldout: bool = False) -> TaskFamily:
+def make_family(recipe: TextRecipe = RECIPE, heldout: bool = False, shift: str | None = None) -> TaskFamily:
     """The family over head seeds x training subsets of one topic set (main or held-out, never both)."""
-    name = family_name(recipe, heldout)
-    return TaskFamily(name, _task(recipe, name, heldout), functools.partial(sample_task, recipe, heldout),
-                      description=recipe.description)
+    name = family_name(recipe, heldout, shift)
+    return TaskFamily(name, _task(recipe, name, heldout, shift=shift),
+                      functools.partial(sample_task, recipe, heldout, shift=shift), description=recipe.description)
 
 
 def factories(recipe: TextRecipe = RECIPE) -> dict[str, tuple[Callable[[], TaskFamily], str]]:
-    """Registry entries: the family and its held-out-topics shift."""
+    """Registry entries: the family, its held-out-topics shift and its fewer-examples shift."""
     return {
         family_name(recipe, False): (functools.partial(make_family, recipe), recipe.description),
         family_name(recipe, True): (functools.partial(make_family, recipe, True),
                                     f"{recipe.description}; shift: held-out topics (new classes, unseen texts)"),
+        family_name(recipe, False, "fewer"): (
+            functools.partial(make_family, recipe, shift="fewer"),
+            f"{recipe.description}; shift: a quarter of the training texts (the same validation and test sets)"),
     }
