@@ -241,12 +241,11 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                            + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon to fit α"
                                        if cfg.horizon_exponent is None else ""))
             # the sweeps run many whole fine-tuning runs (minutes on heavy tasks): count their steps as they end
-            bar = tqdm(desc="meta-train", unit="step", disable=not (progress and runner.rank == 0))
-            runner.progress = bar.update
-            state = _fresh_state(family, cfg, opt_config, horizon, runner,
-                                 lambda name: bar.set_description_str(f"meta-train: {name}"))
-            runner.progress = None
-            bar.close()
+            with tqdm(desc="meta-train", unit="step", disable=not (progress and runner.rank == 0)) as bar:
+                runner.progress = bar.update
+                state = _fresh_state(family, cfg, opt_config, horizon, runner,
+                                     lambda name: bar.set_description_str(f"meta-train: {name}"))
+                runner.progress = None
             state.seconds = runner.agree(state.seconds)
             if progress and runner.rank == 0 and cfg.budget_minutes and state.seconds > 60 * cfg.budget_minutes:
                 tqdm.write(f"meta-train: the λ0 and α sweeps took {state.seconds:.0f} s, past the budget of "
