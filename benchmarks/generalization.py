@@ -49,7 +49,8 @@ def meta_train(task: str, out: Path, budget_minutes: float | None) -> Path:
 def _step_sizes(optimizer_dir: Path, task: Any, steps: int, seed: int = 1000) -> np.ndarray:
     """λ per tensor (relative to λ0) at PROGRESS_POINTS evenly spaced fractions of a `steps`-step run."""
     model = task.model_fn(seed)
-    opt = L3RS.from_pretrained(optimizer_dir, model.named_parameters(), total_steps=steps)
+    opt = L3RS.from_pretrained(optimizer_dir, model.named_parameters(), total_steps=steps,
+                               train_size=len(task.train[1]))
     marks = {max(1, round(steps * (k + 1) / PROGRESS_POINTS)) for k in range(PROGRESS_POINTS)}
     rows = []
     for step, (x, y) in enumerate(task.batches(seed, steps), start=1):

@@ -2,22 +2,24 @@
 
 For every tensor l (one named parameter):
 
-    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p} − λ0 · h(T) · b(t/T) · wd · θ_l,
-    d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · b(t/T) · exp(s_l)
+    Δθ_l = −λ_l · Σ_p μ_{l,p} · d̂_{l,p} − λ0 · h(T) · g(N) · b(t/T) · wd · θ_l,
+    d̂ = d / (rms(d) + 1e-12),     λ_l = λ0 · h(T) · g(N) · b(t/T) · exp(s_l)
 
 with (s_l, μ_l) produced by the shared mixer MLP from the tensor's features and embedding (μ's logits plus, in
 runs longer than T_ref, a share of the long runs' mix logits `long_mix`: `schedules.long_share`; both moved toward
 the untrained optimizer's in such runs when the config has a `fallback`: `schedules.fall_back`), and b a fixed
 base schedule over the run's progress t/T (warm-up, then cosine decay), h(T) = min(1, T_ref/T)^α the
-step's shrinkage for runs longer than the meta-training horizon T_ref: the mixer learns a bounded
-deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
+step's shrinkage for runs longer than the meta-training horizon T_ref, g(N) = clamp(N/N_ref, 1/2, 1)^β its
+shrinkage for training sets smaller than the one λ0 was swept on (`schedules.size_scale`): the mixer learns a
+bounded deviation |s| <= max_log_scale from a schedule that is already sensible at any horizon T. With the default
 step_budget="shared", s is shifted so that Σ_l numel_l · exp(2 s_l) = Σ_l numel_l: the mixer redistributes
-the step over tensors and the model-wide RMS step stays λ0 · h(T) · b(t/T); then a floor, s >= min_log_scale.
+the step over tensors and the model-wide RMS step stays λ0 · h(T) · g(N) · b(t/T); then a floor, s >= min_log_scale.
 wd is AdamW's decoupled weight decay (`Config.weight_decay`, 0.01 as AdamW's default), scaled by the
 scheduled step.
 
     state = init(config, params)
-    updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...)
+    updates, state, coeffs = update(config, meta, grads, state, params, lr=λ0, loss=..., total_steps=...,
+                                    train_size=...)
     params = apply_updates(params, updates)
 
 `update` is pure and differentiable (meta-training). `update_` runs the very same math on the optimizer's
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from l3rs import bases as base_lib
 from l3rs import features, mixer
-from l3rs.schedules import fall_back, head_ramp, horizon_scale, long_share, schedule
+from l3rs.schedules import fall_back, head_ramp, long_share, run_scale, schedule
 
 TensorList = list[Tensor]
 _MIXES = ("softmax", "linear")
@@ -84,6 +86,11 @@ class Config:
     # α: runs longer than the reference horizon T_ref step with λ0 · (T_ref / T)^α (fitted by meta-training
     # from λ0 sweeps at 1x and 4x; longer fine-tuning runs overfit at the λ0 that is best for short ones)
     horizon_exponent: float = 0.0
+    # the training examples λ0 was swept on, and β: smaller training sets (N < N_ref) step with λ0 · (N / N_ref)^β,
+    # N / N_ref floored at 1/2 (`schedules.size_scale`; β fitted by meta-training from a λ sweep on half the
+    # training set: a small set is fitted too soon at the large set's λ0)
+    reference_train_size: int | None = None
+    size_exponent: float = 0.0
     # > 0: the weights to evaluate are an average of the iterates, an EMA over this fraction of the run
     # (`averaging.average_update`): trained weights keep moving at full step, evaluated ones are always settled
     average: float = 0.0
@@ -128,8 +135,11 @@ class Config:
             raise ValueError(f"average must be a fraction of the run in [0, 1] (0: off), got {self.average!r}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
-        if not (self.horizon_exponent >= 0 and math.isfinite(self.horizon_exponent)):
-            raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
+        for key in ("horizon_exponent", "size_exponent"):
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                raise ValueError(f"{key} must be finite and >= 0, got {getattr(self, key)!r}")
+        if self.reference_train_size is not None and self.reference_train_size <= 0:
+            raise ValueError(f"reference_train_size must be positive or None, got {self.reference_train_size!r}")
         if isinstance(self.hyper, dict):
             object.__setattr__(self, "hyper", base_lib.Hyper(**self.hyper))
         if self.fallback is not None:
@@ -229,9 +239,10 @@ def feature_matrix(config: Config, fs: features.FeatureState, step: int, total_s
 
 
 def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float, step: int = 0,
-                 total_steps: int | None = None, sizes: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run; `sizes` (numel per
-    tensor) weighs the tensors when the step budget is shared."""
+                 total_steps: int | None = None, sizes: Tensor | None = None,
+                 train_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(λ [T], μ [T, P]) from the feature rows at update `step` of a `total_steps` run on `train_size` training
+    examples; `sizes` (numel per tensor) weighs the tensors when the step budget is shared."""
     s, logits = mixer.apply(meta, x, _index(config, x.shape[0], x.device))
     share = long_share(config, total_steps)
     if share:  # the long runs' prior, in by log T (runs up to the horizon skip it: nothing to add)
@@ -244,7 +255,7 @@ def coefficients(config: Config, meta: mixer.Meta, x: Tensor, lr: Tensor | float
     if config.min_log_scale is not None:
         s = s.clamp_min(config.min_log_scale)
     mix = torch.softmax(logits, dim=-1) if config.mix == "softmax" else logits + 1.0 / logits.shape[-1]
-    return lr * schedule(config, step, total_steps) * horizon_scale(config, total_steps) * torch.exp(s), mix
+    return lr * schedule(config, step, total_steps) * run_scale(config, total_steps, train_size) * torch.exp(s), mix
 
 
 def _scale(config: Config, base_scale: Tensor, d: TensorList, factor: float, grads: TensorList,
@@ -285,45 +296,49 @@ def _accumulate(updates: TensorList | None, d: TensorList, scale: Tensor, owned:
 
 def update(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
            lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
-           weight_decay: Tensor | float | None = None,
-           head: Tensor | None = None) -> tuple[TensorList, State, Coefficients]:
+           weight_decay: Tensor | float | None = None, head: Tensor | None = None,
+           train_size: int | None = None) -> tuple[TensorList, State, Coefficients]:
     """One L3RS step, pure: returns (updates to add to params, new state, coefficients used).
 
     `weight_decay` (a float or one per tensor; None: `config.weight_decay`) decays each weight by its
-    scheduled step; `head` (bool per tensor, or None) marks the new head's tensors (`head_ramp`). Nothing is
+    scheduled step; `head` (bool per tensor, or None) marks the new head's tensors (`head_ramp`); `train_size`
+    (the run's training examples, None: unknown) scales λ0 by `schedules.size_scale`. Nothing is
     mutated; differentiable w.r.t. `meta` (and `grads` when they carry a graph). This is what meta-training
     unrolls."""
-    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, head, inplace=False,
-                 workspace=None)
+    return _step(config, meta, grads, state, params, lr, loss, (total_steps, train_size), weight_decay, head,
+                 inplace=False, workspace=None)
 
 
 def update_(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList, *,
             lr: Tensor | float, loss: Tensor | float | None = None, total_steps: int | None = None,
             weight_decay: Tensor | float | None = None, head: Tensor | None = None,
-            workspace: base_lib.Workspace | None = None) -> tuple[TensorList | None, State, Coefficients | None]:
+            workspace: base_lib.Workspace | None = None,
+            train_size: int | None = None) -> tuple[TensorList | None, State, Coefficients | None]:
     """The same step on the optimizer's fast path (call it under no_grad): the moment buffers in `state` are
     OVERWRITTEN and returned in the new state; a non-finite gradient returns (None, state, None) before
     touching anything. With a `workspace`, intermediates and the returned updates live in its reused buffers
     (valid until its next step) instead of fresh tensors."""
-    return _step(config, meta, grads, state, params, lr, loss, total_steps, weight_decay, head, inplace=True,
-                 workspace=None if torch.is_grad_enabled() else workspace)
+    return _step(config, meta, grads, state, params, lr, loss, (total_steps, train_size), weight_decay, head,
+                 inplace=True, workspace=None if torch.is_grad_enabled() else workspace)
 
 
 def _decay_scale(config: Config, lr: Tensor | float, weight_decay: Tensor | float | None, step: int,
-                 total_steps: int | None, like: Tensor) -> Tensor | None:
+                 run: tuple[int | None, int | None], like: Tensor) -> Tensor | None:
     """Per-tensor coefficient c [T] of the decoupled decay term c·θ (None: no decay)."""
     decay = config.weight_decay if weight_decay is None else weight_decay
     if not isinstance(decay, Tensor) and not decay:
         return None
-    scheduled = schedule(config, step, total_steps) * horizon_scale(config, total_steps)
+    scheduled = schedule(config, step, run[0]) * run_scale(config, *run)
     return -torch.as_tensor(lr, dtype=like.dtype, device=like.device) * scheduled * decay * torch.ones_like(like)
 
 
 def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, params: TensorList,
-          lr: Tensor | float, loss: Tensor | float | None, total_steps: int | None,
+          lr: Tensor | float, loss: Tensor | float | None, run: tuple[int | None, int | None],
           weight_decay: Tensor | float | None, head: Tensor | None, inplace: bool,
           workspace: base_lib.Workspace | None) -> tuple[TensorList | None, State, Coefficients | None]:
-    """The one implementation of the math behind `update` (pure) and `update_` (in place)."""
+    """The one implementation of the math behind `update` (pure) and `update_` (in place); `run` is the run's
+    (total_steps, train_size)."""
+    total_steps, train_size = run
     device = params[0].device
     ramp = head_ramp(config, state.moments.step, total_steps, head)
     if isinstance(ramp, Tensor):  # the decay ramps alike
@@ -340,7 +355,7 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
         distance = moved / torch.stack(torch._foreach_norm(moments.theta0)).clamp_min(1e-12)
     fs = features.observe(state.features, loss, grad_rms, _rms(params, sqrt_numel), distance)
     x = feature_matrix(config, fs, state.moments.step, total_steps, len(params), device)
-    lam, mix = coefficients(config, meta, x, lr, state.moments.step, total_steps, sqrt_numel.square())
+    lam, mix = coefficients(config, meta, x, lr, state.moments.step, total_steps, sqrt_numel.square(), train_size)
     base_scale = -lam.unsqueeze(-1) * mix  # [T, P]
 
     # Directions computed this step are summed first (the first one becomes the sum, each later one frees
@@ -370,7 +385,7 @@ def _step(config: Config, meta: mixer.Meta, grads: TensorList, state: State, par
     for p, d, factor in deferred:
         scale = _scale(config, base_scale[:, p], d, factor, grads, grad_rms_raw, sqrt_numel, snr)
         updates = _accumulate(updates, d, scale, False, scratch)
-    decay = _decay_scale(config, lr, weight_decay, state.moments.step, total_steps, lam.detach())
+    decay = _decay_scale(config, lr, weight_decay, state.moments.step, run, lam.detach())
     if decay is not None:  # last, after every direction: both paths sum in the same order
         updates = _accumulate(updates, params, decay.to(params[0].dtype), False, scratch)
     return updates, State(moments, fs), Coefficients(lam, mix, grad_rms)

@@ -47,6 +47,9 @@ class L3RS(torch.optim.Optimizer):
         lr: λ0, the base step size; an untrained L3RS steps every tensor by ``lr`` times the base schedule
             (per element, with ``normalize=True``) along the uniform mix of its base directions.
         total_steps: the run's horizon, fed to the mixer as training progress (None: unknown).
+        train_size: how many training examples the run fine-tunes on (None: unknown). A meta-trained optimizer
+            steps with λ0 · (train_size / N_ref)^β on a training set smaller than the N_ref examples its λ0 was
+            swept on (β fitted by meta-training, `Config.size_exponent`); untrained, it changes nothing.
         weight_decay: decoupled (AdamW-style) decay, per group; None (default): the optimizer's own,
             ``config.weight_decay`` (0.01 as AdamW's, what meta-training trained with; 0 for optimizers saved
             before it existed). Each step moves the weights by ``-lr * b(t / total_steps) * weight_decay * θ``:
@@ -90,6 +93,7 @@ class L3RS(torch.optim.Optimizer):
         lr: float = 1e-3,
         total_steps: int | None = None,
         *,
+        train_size: int | None = None,
         weight_decay: float | None = None,
         bases: Iterable[str] | None = None,
         normalize: bool = True,
@@ -105,12 +109,13 @@ class L3RS(torch.optim.Optimizer):
         seed: int = 0,
         _saved: dict[str, Any] | None = None,
     ) -> None:
-        params_lib.check_arguments(lr, total_steps, unknown, weight_decay)
+        params_lib.check_arguments(lr, total_steps, unknown, weight_decay, train_size)
         config = params_lib.build_config(config, bases, normalize, mix, schedule, average)
         self._built = False
         super().__init__(params_lib.named(params), {"lr": lr, "weight_decay": weight_decay})
         self.config = config
         self.total_steps, self.average_loss, self.state_dtype = total_steps, average_loss, state_dtype
+        self.train_size = train_size
         self._params, self.param_names = params_lib.trainable(self.param_groups)
         device = params_lib.one_device(self._params, self.param_names)
         self.meta = self._resolve_meta(meta, _saved, unknown, seed, device)
@@ -259,7 +264,8 @@ class L3RS(torch.optim.Optimizer):
             head = None if head is None else head[rows]
         updates, new, _ = functional.update_(
             self.config, meta, self._compute_dtype(grads), state, self._compute_dtype(params), lr=lr,
-            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay, head=head, workspace=self._workspace)
+            loss=feature_loss, total_steps=self.total_steps, weight_decay=decay, head=head, workspace=self._workspace,
+            train_size=self.train_size)
         if updates is None:  # non-finite gradient: nothing was touched
             self.state[_GLOBAL] = {**self.state[_GLOBAL], "skipped_steps": self.skipped_steps + 1}
             return loss
@@ -319,7 +325,8 @@ class L3RS(torch.optim.Optimizer):
                                       len(self._params), self._params[0].device)
         sizes = torch.tensor([float(p.numel()) for p in self._params], device=x.device)
         lr = self._per_tensor()[0] * functional.head_ramp(self.config, self.step_count, self.total_steps, self._head)
-        return functional.coefficients(self.config, self.meta, x, lr, self.step_count, self.total_steps, sizes)
+        return functional.coefficients(self.config, self.meta, x, lr, self.step_count, self.total_steps, sizes,
+                                       self.train_size)
 
     # ------------------------------------------------------------------------------- (de)serialization
     def state_dict(self) -> dict[str, Any]:
@@ -374,8 +381,8 @@ class L3RS(torch.optim.Optimizer):
         **kwargs: Any,
     ) -> L3RS:
         """Load a meta-trained optimizer for `params` (named). `lr` defaults to the λ0 it was trained with, `head`
-        to the head tensors it was meta-trained with; `kwargs` (weight_decay, average_loss, state_dtype, head) go
-        to `L3RS`. Names match without wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``, FSDP
+        to the head tensors it was meta-trained with; `kwargs` (train_size, weight_decay, average_loss, state_dtype,
+        head) go to `L3RS`. Names match without wrapper prefixes (DDP ``module.``, torch.compile ``_orig_mod.``, FSDP
         ``_fsdp_wrapped_module.``)."""
         saved = load_meta(path)
         info = saved["info"]

@@ -33,10 +33,11 @@ def named(params: Any) -> list[Any]:
     return groups
 
 
-def check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any) -> None:
+def check_arguments(lr: Any, total_steps: Any, unknown: str, weight_decay: Any, train_size: Any = None) -> None:
     check_group_options(lr, weight_decay)
-    if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
-        raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+    for key, value in (("total_steps", total_steps), ("train_size", train_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{key} must be a positive int or None, got {value!r}")
     if unknown not in UNKNOWN_POLICIES:
         raise ValueError(f"unknown must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
 

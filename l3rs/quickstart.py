@@ -65,7 +65,7 @@ TIERS = (  # smallest first: the smallest is the smallest budget the quickstart 
     Tier((1, 2, 5), 5, BASELINES, True),
 )
 META_MIN_SHARE = 0.3  # meta-training gets at least this share of the budget (but the smallest tier)
-META_MIN_UNROLLS = 60  # ... and at least this many horizon-long runs' time (λ0 and α sweeps + validation: 46)
+META_MIN_UNROLLS = 60  # ... and at least this many horizon-long runs' time (λ0, β and α sweeps + validation: ~54)
 META_MIN_SECONDS = 5.0
 PARALLEL_GAIN = 1.6  # two single-threaded worker processes vs one process running everything
 

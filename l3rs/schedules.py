@@ -1,7 +1,7 @@
-"""How an L3RS step depends on where it is in its run and on the run's length, apart from the learned mixer:
-the base schedule b(t/T), the backbone's ramp, the horizon exponent's h(T), the long runs' share of the mix prior and
-their fallback to the untrained optimizer. Each reads the fields it needs of an `l3rs.functional.Config`; the
-functional step multiplies or adds them in."""
+"""How an L3RS step depends on where it is in its run, the run's length and its training set's size, apart from the
+learned mixer: the base schedule b(t/T), the backbone's ramp, the horizon and size exponents' h(T)·g(N), the long
+runs' share of the mix prior and their fallback to the untrained optimizer. Each reads the fields it needs of an
+`l3rs.functional.Config`; the functional step multiplies or adds them in."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ LONG_MULTIPLE = 4.0
 # From this multiple of the meta-training horizon on, an optimizer with a `Config.fallback` is the untrained one the
 # sweeps chose for long runs (its checkpoint was validated better than that one below this multiple only)
 FALLBACK_MULTIPLE = 2.0
+# The size sweep's training subset, as a fraction of the training set λ0 was swept on (`sweeps.size_exponent_fit`);
+# smaller sets step as it does: g(N) is flat below it. The best step fell 2-19x from the whole training set to half
+# of it, then 1-1.4x more to a quarter (four environments, docs/RESULTS.md session 43): the power law does not
+# extrapolate, and a step below the half's sweep would be a guess
+SMALL_SET_FRACTION = 0.5
 
 
 class Config(Protocol):
@@ -27,6 +32,8 @@ class Config(Protocol):
     backbone_warmup: float
     reference_horizon: int | None
     horizon_exponent: float
+    reference_train_size: int | None
+    size_exponent: float
     fallback: tuple[float, ...] | None
 
 
@@ -57,6 +64,21 @@ def horizon_scale(config: Config, total_steps: int | None) -> float:
     if not (config.horizon_exponent and total_steps and reference) or total_steps <= reference:
         return 1.0
     return (reference / total_steps) ** config.horizon_exponent
+
+
+def size_scale(config: Config, train_size: int | None) -> float:
+    """(N / N_ref)^β for a training set of N < N_ref examples, N / N_ref floored at SMALL_SET_FRACTION, else 1: the
+    step of smaller sets shrinks with their size (at the step that suits the set λ0 was swept on, a smaller set is
+    fitted too soon, then overfitted, or is worse throughout)."""
+    reference = config.reference_train_size
+    if not (config.size_exponent and train_size and reference) or train_size >= reference:
+        return 1.0
+    return max(train_size / reference, SMALL_SET_FRACTION) ** config.size_exponent
+
+
+def run_scale(config: Config, total_steps: int | None, train_size: int | None) -> float:
+    """What a run's length and training set do to λ0, the same all run long: h(T) · g(N)."""
+    return horizon_scale(config, total_steps) * size_scale(config, train_size)
 
 
 def long_share(config: Config, total_steps: int | None) -> float:

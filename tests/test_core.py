@@ -129,6 +129,37 @@ def test_untrained_step_size_follows_the_base_schedule_at_any_horizon():
         assert mid == pytest.approx(5e-3, rel=0.1)
 
 
+@pytest.mark.parametrize("train_size, scale", [(None, 1.0), (400, 1.0), (800, 1.0), (300, 0.75**1.5),
+                                               (100, 0.5**1.5)])  # a quarter steps as half does (the floor)
+def test_a_smaller_training_set_steps_by_the_size_exponent(train_size, scale):
+    """λ0 · (N / N_ref)^β below the reference size, N / N_ref floored at 1/2: the whole update (every direction
+    and the weight decay) scales by it, the moments and features do not change."""
+    config = functional.Config(reference_train_size=400, size_exponent=1.5)
+    updates = []
+    for size in (None, train_size):
+        model = small_model()
+        opt = L3RS(model.named_parameters(), lr=1e-2, total_steps=10, config=config, train_size=size)
+        before = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, 1)
+        updates.append([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
+    for full, small in zip(*updates, strict=True):
+        torch.testing.assert_close(small, scale * full, rtol=1e-5, atol=1e-9)
+    untrained = functional.Config()  # no reference size: the size changes nothing
+    lams = [functional.coefficients(untrained, untrained.init_meta(1), torch.zeros(1, untrained.num_features), 1.0,
+                                    total_steps=10, train_size=size)[0] for size in (None, 5)]
+    assert torch.equal(*lams)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_train_size_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="train_size must be a positive int or None"):
+        L3RS(small_model().named_parameters(), train_size=bad)
+    with pytest.raises(ValueError, match="reference_train_size must be positive"):
+        functional.Config(reference_train_size=0)
+    with pytest.raises(ValueError, match="size_exponent must be finite and >= 0"):
+        functional.Config(size_exponent=-1.0)
+
+
 # ------------------------------------------------------------------------------ bases
 def test_registry_has_required_bases():
     for name in ("sgd", "momentum", "adam", "rmsprop", "sign", "nesterov", "adabelief", "to_init", "ortho"):

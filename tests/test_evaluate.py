@@ -131,6 +131,19 @@ def test_lr_free_baselines_lower_the_loss(tiny: str, name: str) -> None:
     assert BASELINES[name].tuned == name.endswith("-tuned")
 
 
+def test_a_meta_trained_optimizer_is_told_the_scenarios_training_set_size(tiny: str, tmp_path, monkeypatch) -> None:
+    """As it is told the run's length: a shift with fewer training examples (`:fewer`) steps by its size exponent."""
+    task = l3rs.tasks.get(tiny)
+    config = Config(reference_train_size=len(task.train[1]), size_exponent=1.0)
+    l3rs.L3RS(task.model_fn(0).named_parameters(), lr=3e-3, config=config).save_pretrained(tmp_path / "sized")
+    made = []
+    monkeypatch.setattr(methods.L3RS, "step", lambda self, *a, **k: made.append(self))
+    method = methods.Method("l3rs", "l3rs", path=str(tmp_path / "sized"), tuned=False)
+    smaller = task.with_train((task.train[0][:10], task.train[1][:10]))
+    runs._run(runs.WorkerSetup(smaller, Config(), None, 1, 1), RunRequest(method, {}, 0, False))
+    assert made[0].train_size == 10 and made[0].total_steps == 1
+
+
 def test_untuned_baselines_cost_no_sweep() -> None:
     runner = ScenarioRunner(quadratic(10.0), steps=1, config=l3rs.Config())
     for name in ("schedulefree-adamw", "prodigy", "dog", "ldog"):

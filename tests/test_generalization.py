@@ -154,7 +154,7 @@ def test_best_checkpoint_is_chosen_on_several_horizons(tmp_path):
     assert info["validation_score"] == pytest.approx(expected) and info["validation_score"] <= 0
     assert info["config"]["reference_horizon"] == H  # the optimizer knows the horizon it was trained around
     split = info["seconds_by_phase"]  # where the time went: 4 validations (untrained and 3 checks), 4 iterations
-    sweeps = info["horizon_sweep"]["seconds"] + info["long_prior_sweep"]["seconds"]  # λ0 given: α's, the long mix's
+    sweeps = sum(info[k]["seconds"] for k in ("size_sweep", "horizon_sweep", "long_prior_sweep"))  # λ0 given
     assert min(split.values()) > 0 and split["sweeps"] == pytest.approx(sweeps)
     assert sum(split.values()) == pytest.approx(info["meta_train_seconds"])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -60,7 +60,7 @@ def test_trainer_feeds_every_loss_and_keeps_lr0_under_the_default_scheduler(tmp_
                       callbacks=[L3RSCallback()])
     with pytest.warns(UserWarning, match="keeps λ0 constant"):  # the default linear schedule is pinned
         trainer.train()
-    assert opt.step_count == STEPS and opt.total_steps == STEPS
+    assert opt.step_count == STEPS and opt.total_steps == STEPS and opt.train_size == len(Toy())
     assert all(g["lr"] == 1e-3 for g in opt.param_groups)
     logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(logged) == STEPS

@@ -27,10 +27,12 @@ from l3rs.finetune import finetune
 from l3rs.io import single_thread
 from l3rs.meta import MetaConfig, sweeps, train, tune_lr0, unroll
 from l3rs.meta.estimators import centered_ranks
-from l3rs.meta.sweeps import PRIOR_SEEDS, horizon_exponent_fit, lr0_sweep, placed_lr0, sweep_seeds
+from l3rs.meta.sweeps import PRIOR_SEEDS, horizon_exponent_fit, lr0_sweep, placed_lr0, size_exponent_fit, sweep_seeds
 from l3rs.meta.train import initial_vector
 from l3rs.meta.unroll import Job, Result, Worker, linearized_grad, pack, unpack
+from l3rs.schedules import horizon_scale, size_scale
 from l3rs.tasks import Task, TaskFamily
+from l3rs.tasks.core import fewer, random_subset
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -156,6 +158,14 @@ def test_the_kept_prior_sets_the_backbone_warmup_of_every_job_and_of_the_export(
     job = Job(None, 7, mixer.flatten(meta), 0.02, 12, H, "val_loss", backbone_warmup=0.3)
     assert worker(job).objective == pytest.approx(float(ramped))  # the job's warm-up, not the worker's config's
     assert worker(job._replace(backbone_warmup=0.0)).objective != pytest.approx(float(ramped))
+    # a sampled task (a 75% subset) steps by the job's size exponent, relative to the base task's size
+    sized = replace(warm, reference_train_size=len(task.train[1]), size_exponent=2.0)
+    family = TaskFamily("subsets", task, lambda seed: task.with_train(random_subset(task.train, seed, 0.75)))
+    shrunk, _ = unroll(family.sample(3), meta, 0.02, 12, seed=7, config=sized, horizon=H, objective="val_loss")
+    full, _ = unroll(family.sample(3), meta, 0.02, 12, seed=7, config=warm, horizon=H, objective="val_loss")
+    sized_worker = Worker(family, replace(sized, size_exponent=0.0), True, None, None)
+    assert sized_worker(job._replace(task_seed=3, size_exponent=2.0)).objective == pytest.approx(float(shrunk))
+    assert float(shrunk) != pytest.approx(float(full))
     for prior, expected in (("uniform+warmup", 0.3), ("uniform", 0.0)):
         best = train(task, tmp_path / prior, small(iterations=1, config=warm, priors=(prior,)), progress=False)
         info = json.loads((best / "optimizer.json").read_text())
@@ -498,7 +508,42 @@ def test_meta_training_fits_and_ships_the_horizon_exponent(tmp_path):
     assert info["config"]["horizon_exponent"] == fitted >= 0 and info["horizon_sweep"]["multiple"] == 4
     model = stiff_task().model_fn(0)
     long = L3RS.from_pretrained(best, model.named_parameters(), total_steps=8 * H)
-    assert functional.horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
+    assert horizon_scale(long.config, 8 * H) == pytest.approx(8.0 ** -fitted)
+    size = info["size_sweep"]  # β: λ0's sweep again, on half the training set
+    assert size["fraction"] == 0.5 and info["config"]["reference_train_size"] == len(stiff_task().train[1]) == 512
+    assert info["config"]["size_exponent"] == size["size_exponent"] == pytest.approx(
+        max(0.0, math.log2(info["lr"] / size["lr0"])))
+    small_set = L3RS.from_pretrained(best, model.named_parameters(), total_steps=H, train_size=384)
+    assert size_scale(small_set.config, 384) == pytest.approx(0.75 ** size["size_exponent"])
+
+
+def test_the_size_exponent_comes_from_the_lr0_sweep_on_half_the_training_set():
+    cfg = small(lr0=None, lr0_grid=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2))
+    fractions = set()
+
+    def run_with(best_half):
+        def run(jobs):
+            fractions.update(j.train_fraction for j in jobs)
+            best = best_half if jobs[0].train_fraction < 1 else 3e-3
+            return [Result(1 + math.log10(j.lr0 / best) ** 2, 0.0, None, None, j.steps) for j in jobs]
+        return run
+
+    fit = size_exponent_fit(cfg, H, torch.zeros(1), 3e-3, run_with(1e-3))
+    assert fractions == {0.5} and fit["fraction"] == 0.5 and fit["lr0"] == pytest.approx(1e-3, rel=0.01)
+    assert fit["size_exponent"] == pytest.approx(math.log2(3), rel=0.02)  # λ_half = λ0 · 2^−β
+    assert fit["grid"] == pytest.approx([3e-4, 1e-3, 3e-3, 1e-2])  # from the grid's middle (as λ0's), walked down
+    assert size_exponent_fit(cfg, H, torch.zeros(1), 3e-3, run_with(6e-3))["size_exponent"] == 0.0  # never larger
+
+
+def test_the_size_sweeps_half_is_a_fixed_subset_other_than_fewers():
+    task = stiff_task()
+    worker = Worker(TaskFamily.of(task), functional.Config(), True, None, None)
+    half = worker.task(None, 0.5)
+    assert len(half.train[1]) == 256 and torch.equal(half.val[0], task.val[0]) and worker.task(None) is task
+    again = Worker(TaskFamily.of(task), functional.Config(), True, None, None).task(None, 0.5)
+    assert torch.equal(again.train[0], half.train[0])  # the same examples in every worker
+    quarter = set(map(tuple, fewer(task.train)[0].tolist()))
+    assert not quarter <= set(map(tuple, half.train[0].tolist()))  # not :fewer's draw grown to a half
 
 
 @pytest.mark.parametrize("seeds, iterations, rest", [
@@ -647,6 +692,20 @@ def one_iteration_checkpoint(tmp_path: Path, cfg: MetaConfig) -> tuple[Path, dic
         return path, json.loads(f.metadata()["state"])
 
 
+def test_a_checkpoint_from_before_the_size_exponent_resumes_and_ships_beta_zero(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = small(iterations=2)
+    path, doc = one_iteration_checkpoint(tmp_path, cfg)
+    assert doc["size_sweep"] is not None
+    del doc["meta_config"]["size_exponent"], doc["size_exponent"], doc["size_sweep"]  # as written before them
+    del doc["meta_config"]["config"]["reference_train_size"], doc["meta_config"]["config"]["size_exponent"]
+    save_file(load_file(path), path, metadata={"state": json.dumps(doc)})
+    best = train(stiff_task(), tmp_path, cfg, resume=True, progress=False)
+    info = json.loads((best / "optimizer.json").read_text())
+    assert info["iteration"] == 2 and info["config"]["size_exponent"] == 0.0 and info["size_sweep"] is None
+
+
 def test_a_checkpoint_from_before_priors_resumes_as_the_uniform_prior(tmp_path):
     from safetensors.torch import save_file
 
@@ -750,6 +809,10 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
     long = info["horizon_sweep"]
     assert f"α sweep at 4x the horizon (mean of 2 training seeds): λ {long['grid'][0]:.3g} " in printed
     assert f"; α {long['horizon_exponent']:.2f}\n" in printed
+    size = info["size_sweep"]
+    line = f"β sweep on 0.5 of the 512 training examples (mean of 2 training seeds): λ {size['grid'][0]:.3g} "
+    assert line in printed
+    assert f"β {size['size_exponent']:.2f} (smaller sets step" in printed
     mixes = info["long_prior_sweep"]  # the long runs' mix: the kept prior's and the others at 4x
     line = f"long runs' mix at 4x the horizon, λ {mixes['lr']:.3g} (mean over training seeds): {mixes['kept']} "
     assert line in printed
@@ -758,8 +821,9 @@ def test_zero_iterations_only_sweep_and_ship_the_untrained_optimizer(tmp_path, c
                                                                  mixes["long_prior"]))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "z"), "--no-progress",
-                     "--iterations", "0", "--lr0", "0.03", "--long-priors", "none"]) == 0
-    assert json.loads((tmp_path / "z" / "best" / "optimizer.json").read_text())["long_prior_sweep"] is None
+                     "--iterations", "0", "--lr0", "0.03", "--long-priors", "none", "--size-exponent", "0"]) == 0
+    info = json.loads((tmp_path / "z" / "best" / "optimizer.json").read_text())
+    assert info["long_prior_sweep"] is None and info["size_sweep"] is None and info["config"]["size_exponent"] == 0
     assert "long runs' mix" not in capsys.readouterr().out
     assert cli_main(["meta-train", "--task", "test_meta:stiff_task", "--out", str(tmp_path / "y"),
                      "--iterations", "-1"]) == 2

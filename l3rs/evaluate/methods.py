@@ -155,16 +155,17 @@ def _lr_free(kind: str, params: list[torch.nn.Parameter], lr: float | None, tota
     return IterateAverage(dog.DoG(params) if kind == "dog" else dog.LDoG(params))
 
 
-def make_optimizer(method: Method, hp: dict[str, float], head: Sequence[str],
-                   config: Config) -> MakeOptimizer:
-    """The `finetune` factory for `method` with hyper-parameters `hp` (lr, and head multiplier or mix)."""
+def make_optimizer(method: Method, hp: dict[str, float], head: Sequence[str], config: Config,
+                   train_size: int | None = None) -> MakeOptimizer:
+    """The `finetune` factory for `method` with hyper-parameters `hp` (lr, and head multiplier or mix); a
+    meta-trained L3RS is told the scenario's `train_size` as it is told the run's length."""
 
     def make(named: Any, total_steps: int) -> Any:
         named = [(n, p) for n, p in named if p.requires_grad]
         if method.kind in ("schedulefree", "prodigy", "dog", "ldog"):
             return _lr_free(method.kind, [p for _, p in named], hp.get("lr"), total_steps)
         if method.kind == "l3rs":
-            return L3RS.from_pretrained(method.path, named, total_steps=total_steps)
+            return L3RS.from_pretrained(method.path, named, total_steps=total_steps, train_size=train_size)
         if method.kind == "untrained":
             return L3RS(named, lr=hp["lr"], total_steps=total_steps, config=config, head=head)
         if method.kind == "atmo":

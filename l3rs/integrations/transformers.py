@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sized
 from typing import Any
 
 import torch
@@ -77,7 +78,8 @@ def _loss_of(output: Any) -> torch.Tensor | None:
 class L3RSCallback(TrainerCallback):
     """Feeds each training step's loss to the L3RS and keeps λ0 constant (see the module docstring).
 
-    Also sets ``total_steps`` to the Trainer's ``max_steps`` when the optimizer has none.
+    Also sets ``total_steps`` to the Trainer's ``max_steps`` and ``train_size`` to the training dataset's length
+    when the optimizer has none (a meta-trained optimizer steps smaller on a smaller training set).
     """
 
     def __init__(self) -> None:
@@ -103,6 +105,9 @@ class L3RSCallback(TrainerCallback):
         opt = self._optimizer = _unwrap(optimizer)
         if opt.total_steps is None and state.max_steps > 0:
             opt.total_steps = state.max_steps
+        dataset = getattr(kwargs.get("train_dataloader"), "dataset", None)
+        if opt.train_size is None and isinstance(dataset, Sized) and len(dataset) > 0:
+            opt.train_size = len(dataset)
         # the scheduler was built before this call: "initial_lr" is λ0 before it scaled anything
         self._lr0 = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
         self._pin_lr0()

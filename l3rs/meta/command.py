@@ -101,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="α: runs of T steps longer than the horizon step with λ0·(horizon/T)^α (default: "
                              "fitted by a sweep of the untrained optimizer at 4x the horizon, past the budget if need "
                              "be; 0: λ0 at any length)")
+    parser.add_argument("--size-exponent", type=float, default=None,
+                        help="β: training sets of N examples, fewer than the task's N_ref, step with λ0·(N/N_ref)^β, "
+                             "N/N_ref floored at 1/2 (default: fitted by a λ sweep of the untrained optimizer on half "
+                             "the training set; 0: λ0 at any size)")
     parser.add_argument("--bases", default=None,
                         help="comma-separated base directions (see l3rs.bases.available())")
     parser.add_argument("--priors", default=None,
@@ -160,7 +164,7 @@ def meta_config(args: argparse.Namespace) -> MetaConfig:
                           population=args.population, sigma=args.sigma, meta_lr=args.meta_lr,
                           truncation=args.truncation, first_order=not args.second_order,
                           tasks_per_iteration=args.tasks_per_iteration, lr0=args.lr0, seed=args.seed,
-                          horizon_exponent=args.horizon_exponent, priors=priors,
+                          horizon_exponent=args.horizon_exponent, size_exponent=args.size_exponent, priors=priors,
                           long_priors=long_priors, long_fallback=not args.no_long_fallback,
                           horizon_range=_floats(args.horizon_range, "--horizon-range"),
                           horizon_draw=args.horizon_draw,
@@ -199,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                  f"validation {info['validation']:.4g} at iteration {info['best_iteration']}; "
                  f"untrained {info['untrained_validation']:.4g}")
         print(f"best optimizer: {best} ({found}; prior {info['prior']}, λ0 {info['lr']:.3g}, "
-              f"α {info['config']['horizon_exponent']:.2f}; "
+              f"β {info['config']['size_exponent']:.2f}, α {info['config']['horizon_exponent']:.2f}; "
               f"{info['meta_train_seconds']:.0f} s, {info['meta_train_steps']} fine-tuning steps)")
         priors = (info["lr0_sweep"] or {}).get("priors", {})
         if len(priors) > 1:  # which untrained optimizer meta-training started from, and by how much
@@ -218,6 +222,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"λ0 sweep of {info['prior']} (mean of {cfg.lr0_seeds} training seeds): "
                   + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(sweep["grid"], sweep["val_loss"], strict=True))
                   + f"; λ0 {sweep['lr0']:.3g} ({where})")
+        size = info.get("size_sweep")
+        if size:  # why β is what it is: the best λ on half the training set
+            print(f"β sweep on {size['fraction']:g} of the {info['config']['reference_train_size']} training examples "
+                  f"(mean of {cfg.lr0_seeds} training seeds): "
+                  + ", ".join(f"λ {lr:.3g} {v:.4g}" for lr, v in zip(size["grid"], size["val_loss"], strict=True))
+                  + f"; λ {size['lr0']:.3g}, β {size['size_exponent']:.2f} (smaller sets step with λ0·(N/N_ref)^β, "
+                  f"N/N_ref floored at {size['fraction']:g})")
         long = info["horizon_sweep"]
         if long:  # why α is what it is: the untrained optimizer's long-run losses over λ
             print(f"α sweep at {long['multiple']:g}x the horizon (mean of {LONG_SWEEP_SEEDS} training seeds): "

@@ -48,6 +48,9 @@ class MetaConfig:
     horizon_exponent: α of the trained optimizer (runs of T > horizon step with λ0 · (horizon / T)^α);
         None fits it from a second sweep of the untrained optimizer at 4x the horizon, past the budget if
         need be (it replaces config.horizon_exponent).
+    size_exponent: β of the trained optimizer (training sets of N examples, fewer than the task's N_ref, step with
+        λ0 · (N / N_ref)^β, N / N_ref floored at 1/2); None fits it from a λ sweep of the untrained optimizer on half
+        the training set (`sweeps.size_exponent_fit`).
     priors: the untrained optimizers meta-training may start from, first the default: "uniform" (every base
         alike) or a base's name (a mix leaning on it, `Config.init_meta`), either with "+warmup" (the backbone
         warm-up `config.backbone_warmup` on) or without (off). The λ0 sweep runs each; a later one replaces the
@@ -86,6 +89,7 @@ class MetaConfig:
     lr0_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     lr0_seeds: int = 2
     horizon_exponent: float | None = None
+    size_exponent: float | None = None
     priors: tuple[str, ...] | None = None
     long_priors: tuple[str, ...] | None = None
     long_fallback: bool = True
@@ -132,8 +136,9 @@ class MetaConfig:
             raise ValueError(f"horizon must be a positive int, got {self.horizon!r}")
         if self.lr0 is not None and not self.lr0 > 0:
             raise ValueError(f"lr0 must be positive, got {self.lr0!r}")
-        if self.horizon_exponent is not None and not 0 <= self.horizon_exponent < math.inf:
-            raise ValueError(f"horizon_exponent must be finite and >= 0, got {self.horizon_exponent!r}")
+        for name in ("horizon_exponent", "size_exponent"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)!r}")
         object.__setattr__(self, "lr0_grid", tuple(float(v) for v in self.lr0_grid))
         object.__setattr__(self, "horizon_range", tuple(float(v) for v in self.horizon_range))
         object.__setattr__(self, "validation_horizons", tuple(float(v) for v in self.validation_horizons))

@@ -33,11 +33,13 @@ class Context:
     lr0: float
     horizon_exponent: float = 0.0
     backbone_warmup: float = 0.0
+    size_exponent: float = 0.0
 
     @property
     def settings(self) -> dict[str, float]:
         """What every job tells the optimizer besides its meta-parameters and λ0 (chosen by the sweeps)."""
-        return {"horizon_exponent": self.horizon_exponent, "backbone_warmup": self.backbone_warmup}
+        return {"horizon_exponent": self.horizon_exponent, "backbone_warmup": self.backbone_warmup,
+                "size_exponent": self.size_exponent}
 
 
 class Particles(NamedTuple):

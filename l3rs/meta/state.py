@@ -47,6 +47,8 @@ class TrainState:
     validation_total: float = 0.0  # what every validation so far took (reported: where the budget went)
     horizon_exponent: float = 0.0  # α of the trained optimizer (fitted or given)
     horizon_sweep: dict[str, Any] | None = None  # the long sweep that fitted α
+    size_exponent: float = 0.0  # β of the trained optimizer (fitted or given)
+    size_sweep: dict[str, Any] | None = None  # the λ sweep on half the training set that fitted β
     long_prior_sweep: dict[str, Any] | None = None  # the comparison that chose the long runs' mix
     # each validation seed's value per horizon, untrained and best (how far the mean is from noise)
     untrained_validation_by_seed: list[list[float]] | None = None
@@ -62,7 +64,8 @@ class TrainState:
 
     def seconds_by_phase(self) -> dict[str, float]:
         """Where the meta-training time went: the sweeps, validations, and the meta-iterations (the rest)."""
-        sweeps = sum(s["seconds"] for s in (self.lr0_sweep, self.horizon_sweep, self.long_prior_sweep) if s)
+        sweeps = sum(s["seconds"] for s in (self.lr0_sweep, self.size_sweep, self.horizon_sweep,
+                                            self.long_prior_sweep) if s)
         return {"sweeps": sweeps, "validation": self.validation_total,
                 "meta_iterations": max(0.0, self.seconds - sweeps - self.validation_total)}
 
@@ -96,7 +99,9 @@ def load_checkpoint(out: Path, cfg: MetaConfig) -> TrainState | None:
     with safe_open(str(path), "pt") as f:
         doc = json.loads(f.metadata()["state"])
     # checkpoints from before priors: the uniform mix; from before long priors: the same mix at every length
-    saved = {"priors": ["uniform"], "long_priors": [], **doc["meta_config"]}
+    saved = {"priors": ["uniform"], "long_priors": [], "size_exponent": None, **doc["meta_config"]}
+    # from before the size exponent: no size sweep ran (the optimizer ships with β = 0)
+    saved["config"] = {"reference_train_size": None, "size_exponent": 0.0, **saved["config"]}
     if saved != cfg.result_keys():
         changed = sorted(k for k in cfg.result_keys() if saved.get(k) != cfg.result_keys()[k])
         raise FileExistsError(f"{path} was written with other settings ({', '.join(changed)}): resume "

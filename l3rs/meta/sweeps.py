@@ -1,7 +1,9 @@
-"""The untrained optimizer's sweeps that set λ0 and the horizon exponent α before meta-training (SPEC §5).
+"""The untrained optimizer's sweeps that set λ0, the size exponent β and the horizon exponent α before meta-training
+(SPEC §5).
 
-Both run the untrained L3RS on the environment itself (the family's base task, training head seeds), not on
-perturbed samples: λ0 and α must suit the runs the optimizer is for. Every λ sees the same seeds (paired).
+They run the untrained L3RS on the environment itself (the family's base task, training head seeds; β's on a fixed
+half of its training set), not on perturbed samples: λ0, β and α must suit the runs the optimizer is for. Every λ
+sees the same seeds (paired).
 `run` maps a list of `Job`s to their `Result`s (a `Runner`, or any callable in tests).
 """
 
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from l3rs.meta.config import MetaConfig, prior_mix
 from l3rs.meta.unroll import Job, grouped_objectives, mean_objectives
-from l3rs.schedules import LONG_MULTIPLE
+from l3rs.schedules import LONG_MULTIPLE, SMALL_SET_FRACTION
 from l3rs.seeds import seed_of
 
 # Grid steps added past an edge the λ0 sweep picks (the grid is a prior, not a bound). 4 let cnn04's uniform mix
@@ -82,16 +84,19 @@ def grid_ratio(grid: tuple[float, ...]) -> float:
     return (grid[-1] / grid[0]) ** (1 / (len(grid) - 1)) if len(grid) > 1 else math.sqrt(10.0)
 
 
-def _jobs(vector: Tensor, lrs: list[float], seeds: list[int], steps: int, warmup: float) -> list[Job]:
-    return [Job(None, r, vector, lr, steps, steps, "val_loss", backbone_warmup=warmup) for lr in lrs for r in seeds]
+def _jobs(vector: Tensor, lrs: list[float], seeds: list[int], steps: int, warmup: float,
+          fraction: float = 1.0) -> list[Job]:
+    return [Job(None, r, vector, lr, steps, steps, "val_loss", backbone_warmup=warmup, train_fraction=fraction)
+            for lr in lrs for r in seeds]
 
 
 def _sweep_losses(cfg: MetaConfig, steps: int, vector: Tensor, lrs: list[float], run: Any,
-                  seeds: int | None = None, warmup: float = 0.0) -> tuple[list[float], list[list[float]], int]:
+                  seeds: int | None = None, warmup: float = 0.0,
+                  fraction: float = 1.0) -> tuple[list[float], list[list[float]], int]:
     """(mean validation loss per λ0, the same per seed, steps spent) of the untrained L3RS over `steps`-step
-    runs on `seeds` (default cfg.lr0_seeds) training seeds."""
+    runs on `seeds` (default cfg.lr0_seeds) training seeds, on `fraction` of the training set."""
     count = seeds or cfg.lr0_seeds
-    results = run(_jobs(vector, lrs, sweep_seeds(cfg, count), steps, warmup))
+    results = run(_jobs(vector, lrs, sweep_seeds(cfg, count), steps, warmup, fraction))
     return mean_objectives(results, count), grouped_objectives(results, count), sum(r.steps for r in results)
 
 
@@ -118,8 +123,9 @@ def _candidates(grid: tuple[float, ...]) -> tuple[list[float], int]:
 
 
 def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: float | None = None,
-              warmup: float = 0.0) -> dict[str, Any]:
-    """Validation loss of the untrained L3RS (backbone warm-up `warmup`) on `cfg.lr0_seeds` training seeds over
+              warmup: float = 0.0, fraction: float = 1.0) -> dict[str, Any]:
+    """Validation loss of the untrained L3RS (backbone warm-up `warmup`, on `fraction` of the training set) on
+    `cfg.lr0_seeds` training seeds over
     `cfg.lr0_grid`, from LR0_START_POINTS points (the grid's middle ones, or those around `center`) toward the
     better edge until the best is bracketed; past an edge of the grid by up to GRID_EXTENSIONS steps of its
     ratio. A sweep whose every run diverged walks down. "lr0" is placed between the grid's points (`placed_lr0`),
@@ -133,7 +139,8 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
         nearest = min(range(len(candidates)), key=lambda i: abs(math.log(candidates[i] / center)))
         low = min(max(0, nearest - LR0_START_POINTS // 2), max(0, len(candidates) - LR0_START_POINTS))
         high = min(len(candidates), low + LR0_START_POINTS)
-    losses, by_seed, steps = _sweep_losses(cfg, horizon, vector, candidates[low:high], run, warmup=warmup)
+    losses, by_seed, steps = _sweep_losses(cfg, horizon, vector, candidates[low:high], run, warmup=warmup,
+                                           fraction=fraction)
     while len(candidates) > 1:
         best = _argmin(losses)
         down = best == 0 or not math.isfinite(losses[best])
@@ -145,7 +152,8 @@ def lr0_sweep(cfg: MetaConfig, horizon: int, vector: Tensor, run: Any, center: f
             high, index = high + 1, high
         else:
             break
-        (loss,), (seeds,), more = _sweep_losses(cfg, horizon, vector, [candidates[index]], run, warmup=warmup)
+        (loss,), (seeds,), more = _sweep_losses(cfg, horizon, vector, [candidates[index]], run, warmup=warmup,
+                                                fraction=fraction)
         losses, by_seed = ([loss, *losses], [seeds, *by_seed]) if down else ([*losses, loss], [*by_seed, seeds])
         steps += more
     grid = candidates[low:high]
@@ -170,6 +178,19 @@ def placed_lr0(grid: list[float], losses: list[float], by_seed: list[list[float]
     seeds = [list(seed) for seed in zip(*by_seed, strict=True)]
     agree = side != 0 and all((_vertex(logs, seed) - logs[best]) * side > 0 for seed in seeds)
     return math.exp(vertex) if agree else grid[best]
+
+
+def size_exponent_fit(cfg: MetaConfig, horizon: int, vector: Tensor, lr0: float, run: Any,
+                      warmup: float = 0.0) -> dict[str, Any]:
+    """β from the untrained L3RS's λ sweep on SMALL_SET_FRACTION of the training set (a fixed subset): λ0's sweep
+    (`lr0_sweep`, from the grid's middle, placed by the same rule) on that subset finds λ_small = λ0 ·
+    SMALL_SET_FRACTION^β; β = 0 when λ_small is not below λ0 (a smaller set never steps larger). Training sets
+    between the two sizes interpolate log-linearly, smaller ones step as the half does (`schedules.size_scale`)."""
+    # from the grid's middle, as λ0's: walked down from around λ0 instead, cnn04-mnist59's sweep stopped at a bump of
+    # its flat loss (0.1743 / 0.1741 / 0.1939 at 0.03 / 0.09 / 0.27) where 0.01 reads 0.1673 on the same seeds
+    sweep = lr0_sweep(cfg, horizon, vector, run, warmup=warmup, fraction=SMALL_SET_FRACTION)
+    exponent = max(0.0, math.log(sweep["lr0"] / lr0) / math.log(SMALL_SET_FRACTION))
+    return {**sweep, "fraction": SMALL_SET_FRACTION, "size_exponent": exponent}
 
 
 def _mean(losses: list[float]) -> float:

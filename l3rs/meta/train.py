@@ -1,4 +1,4 @@
-"""The meta-training loop: λ0 and α sweeps (`sweeps`), estimator steps with Adam, held-out validation (`validation`),
+"""The meta-training loop: λ0, β and α sweeps (`sweeps`), estimator steps with Adam, held-out validation (`validation`),
 checkpoints (`state`).
 
     path = train(task_or_family, "runs/digits", MetaConfig(estimator="pes"))  # -> runs/digits/best
@@ -41,14 +41,20 @@ def _family(task_or_family: Task | TaskFamily) -> TaskFamily:
     return task_or_family if isinstance(task_or_family, TaskFamily) else TaskFamily.of(task_or_family)
 
 
+def _train_size(family: TaskFamily) -> int:
+    return len(family.base.train[1])
+
+
 def _tensors(family: TaskFamily) -> tuple[list[str], list[tuple[int, ...]]]:
     named = [(n, tuple(p.shape)) for n, p in family.base.model_fn(0).named_parameters() if p.requires_grad]
     return [n for n, _ in named], [s for _, s in named]
 
 
-def optimizer_config(cfg: MetaConfig, horizon: int) -> Config:
-    """The user's Config, told the horizon it is meta-trained around (α is set after the sweeps: jobs carry it)."""
-    return dataclasses.replace(cfg.config, reference_horizon=horizon, horizon_exponent=0.0)
+def optimizer_config(cfg: MetaConfig, horizon: int, train_size: int | None = None) -> Config:
+    """The user's Config, told the horizon and training set size it is meta-trained around (α and β are set after
+    the sweeps: jobs carry them)."""
+    return dataclasses.replace(cfg.config, reference_horizon=horizon, horizon_exponent=0.0,
+                               reference_train_size=train_size, size_exponent=0.0)
 
 
 def initial_vector(config: Config, seed: int, num_tensors: int, prior: str = "uniform",
@@ -64,7 +70,7 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
     where the sweep's seeds agree (`sweeps.placed_lr0`; SPEC §5: the untrained optimizer is λ0-sensitive)."""
     family = _family(family)
     horizon = horizon or config.horizon or family.base.horizon
-    opt_config = optimizer_config(config, horizon)
+    opt_config = optimizer_config(config, horizon, _train_size(family))
     runner = Runner(Worker(family, opt_config, config.first_order, config.val_subset, config.device),
                     workers or config.workers)
     try:
@@ -108,6 +114,11 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     sweep = None if cfg.lr0 is not None else sweeps.prior_sweep(cfg, horizon, vectors, run)
     lr0, prior = (cfg.lr0, cfg.priors[0]) if sweep is None else (sweep["lr0"], sweep["prior"])
     vector, warmup = vectors[prior], cfg.warmup_of(prior)
+    size = None
+    if cfg.size_exponent is None:  # λ0's sweep again on half the training set
+        phase("λ on half the data")
+        size = sweeps.size_exponent_fit(cfg, horizon, vector, lr0, run, warmup)
+    size_exponent = size["size_exponent"] if size else cfg.size_exponent
     fit = None
     if cfg.horizon_exponent is None:  # at 4x the horizon, its first points past the budget if need be
         phase(f"α at {sweeps.LONG_SWEEP:g}x")
@@ -147,9 +158,10 @@ def _fresh_state(family: TaskFamily, cfg: MetaConfig, opt_config: Config, horizo
     return TrainState(iteration=0, vector=vector, adam_m=torch.zeros_like(vector), adam_v=torch.zeros_like(vector),
                       best_vector=vector.clone(), lr0=lr0, lr0_sweep=sweep, untrained_validation=values,
                       best_validation=values, best_score=0.0, best_iteration=0, seconds=time.perf_counter() - start,
-                      steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, fit, long) if s),
+                      steps=(val.steps if val else 0) + sum(s["steps"] for s in (sweep, size, fit, long) if s),
                       validation_seconds=validation_seconds, validation_total=validation_seconds,
                       horizon_exponent=exponent, horizon_sweep=fit, long_prior_sweep=long,
+                      size_exponent=size_exponent, size_sweep=size,
                       untrained_validation_by_seed=by_seed,
                       best_validation_by_seed=by_seed, prior=prior, backbone_warmup=warmup,
                       untrained_output=untrained_output)
@@ -177,10 +189,11 @@ def _export(out: Path, state: TrainState, family: TaskFamily, cfg: MetaConfig, o
     names, shapes = _tensors(family)
     like = opt_config.init_meta(len(names))
     opt_config = dataclasses.replace(opt_config, horizon_exponent=state.horizon_exponent,
-                                     backbone_warmup=state.backbone_warmup)
+                                     backbone_warmup=state.backbone_warmup, size_exponent=state.size_exponent)
     info = {"meta_train_seconds": state.seconds, "meta_train_steps": state.steps, "task": family.name,
             "horizon": horizon, "estimator": cfg.estimator, "objective": cfg.objective,
             "lr0_sweep": state.lr0_sweep, "horizon_sweep": state.horizon_sweep, "iteration": state.iteration,
+            "size_sweep": state.size_sweep,
             "long_prior_sweep": state.long_prior_sweep,
             "seed": cfg.seed, "prior": state.prior, "head_tensors": list(family.base.head),
             "validation_horizons": [round(m * horizon) for m in cfg.validation_horizons],
@@ -230,7 +243,7 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
     cfg = meta_config or MetaConfig()
     family, out = _family(task_or_family), Path(out_dir)
     horizon = cfg.horizon or family.base.horizon
-    opt_config = optimizer_config(cfg, horizon)
+    opt_config = optimizer_config(cfg, horizon, _train_size(family))
     runner = Runner(Worker(family, opt_config, cfg.first_order, cfg.val_subset, cfg.device), cfg.workers)
     try:
         state = broadcast(lambda: open_run(out, cfg, resume), runner.rank, runner.world)
@@ -238,8 +251,9 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
             if progress and runner.rank == 0 and cfg.lr0 is None:
                 priors = f" for each prior ({', '.join(cfg.priors)})" if len(cfg.priors) > 1 else ""
                 tqdm.write(f"meta-train: sweeping λ0 of the untrained L3RS on {list(cfg.lr0_grid)} (from its middle)"
-                           + priors + (f", then at {sweeps.LONG_SWEEP:g}x the horizon to fit α"
-                                       if cfg.horizon_exponent is None else ""))
+                           + priors + (", then on half the training set to fit β" if cfg.size_exponent is None else "")
+                           + (f", then at {sweeps.LONG_SWEEP:g}x the horizon to fit α"
+                              if cfg.horizon_exponent is None else ""))
             # the sweeps run many whole fine-tuning runs (minutes on heavy tasks): count their steps as they end
             with tqdm(desc="meta-train", unit="step", disable=not (progress and runner.rank == 0)) as bar:
                 runner.progress = bar.update
@@ -248,9 +262,9 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
                 runner.progress = None
             state.seconds = runner.agree(state.seconds)
             if progress and runner.rank == 0 and cfg.budget_minutes and state.seconds > 60 * cfg.budget_minutes:
-                tqdm.write(f"meta-train: the λ0 and α sweeps took {state.seconds:.0f} s, past the budget of "
+                tqdm.write(f"meta-train: the λ0, β and α sweeps took {state.seconds:.0f} s, past the budget of "
                            f"{cfg.budget_minutes:g} minutes: they choose the untrained optimizer and always run "
-                           "(--lr0 and --horizon-exponent skip them)")
+                           "(--lr0, --size-exponent and --horizon-exponent skip them)")
             if progress and runner.rank == 0 and state.untrained_validation is None and cfg.iterations > 0:
                 tqdm.write("meta-train: the budget leaves no room to validate meta-training: the untrained optimizer "
                            "ships with the swept λ0; give a larger --budget-minutes to meta-train")
@@ -340,7 +354,7 @@ def _loop(state: TrainState, family: TaskFamily, cfg: MetaConfig, opt_config: Co
     if state.untrained_validation is None:  # nothing could be validated: ship the untrained optimizer
         return
     estimator = ESTIMATORS[cfg.estimator]
-    ctx = Context(cfg, horizon, state.lr0, state.horizon_exponent, state.backbone_warmup)
+    ctx = Context(cfg, horizon, state.lr0, state.horizon_exponent, state.backbone_warmup, state.size_exponent)
     budget = math.inf if cfg.budget_minutes is None else 60 * cfg.budget_minutes
     bar = tqdm(total=cfg.iterations, initial=state.iteration, disable=not (progress and lead),
                desc="meta-train", unit="it")

@@ -24,6 +24,7 @@ from l3rs.io import single_thread
 from l3rs.params import head_mask
 from l3rs.seeds import seed_of
 from l3rs.tasks import Task, TaskFamily, functional_model
+from l3rs.tasks.core import SIZE_SWEEP_SEED, random_subset
 
 
 class Particle(NamedTuple):
@@ -124,7 +125,8 @@ def unroll(
         grads = list(torch.autograd.grad(loss, plist, create_graph=graph == "second", retain_graph=retain))
         with torch.set_grad_enabled(graph is not None):
             updates, state, _ = functional.update(config, meta, grads, state, plist, lr=lr0,
-                                                  loss=loss.detach(), total_steps=horizon, head=head)
+                                                  loss=loss.detach(), total_steps=horizon, head=head,
+                                                  train_size=len(y_train))
             if cotangent is not None:
                 torch.autograd.backward(updates, cotangent)
             plist = functional.apply_updates(plist, updates)
@@ -200,6 +202,9 @@ class Job(NamedTuple):
     log: bool = False  # transform = log (losses of runs of any length and task weigh alike)
     horizon_exponent: float = 0.0  # the optimizer's α (fitted by meta-training after the workers started)
     backbone_warmup: float = 0.0  # the optimizer's backbone warm-up (its prior, chosen after they started)
+    size_exponent: float = 0.0  # the optimizer's β (fitted by meta-training after the workers started)
+    # the base task's training set cut to this fraction (a fixed subset, `SIZE_SWEEP_SEED`; the size sweep's)
+    train_fraction: float = 1.0
     linearized: bool = False  # grad of a whole run in O(1) memory (`linearized_grad`; first order)
 
 
@@ -233,17 +238,22 @@ class Worker:
                  device: str | None) -> None:
         self.family, self.config = family, config
         self.first_order, self.val_subset, self.device = first_order, val_subset, device
-        self._tasks: dict[int, Task] = {}
+        self._tasks: dict[tuple[int | None, float], Task] = {}
         self._like: mixer.Meta | None = None
 
-    def task(self, seed: int | None) -> Task:
-        if seed is None:
+    def task(self, seed: int | None, fraction: float = 1.0) -> Task:
+        if seed is None and fraction == 1.0:
             return self.family.base
-        if seed not in self._tasks:
+        key = (seed, fraction)
+        if key not in self._tasks:
             if len(self._tasks) >= 32:
                 self._tasks.clear()
-            self._tasks[seed] = self.family.sample(seed)
-        return self._tasks[seed]
+            if seed is None:
+                base = self.family.base
+                self._tasks[key] = base.with_train(random_subset(base.train, SIZE_SWEEP_SEED, fraction))
+            else:
+                self._tasks[key] = self.family.sample(seed)
+        return self._tasks[key]
 
     def like(self, task: Task) -> mixer.Meta:
         """Meta-parameter shapes for the family's model (same tensors for every member of a family)."""
@@ -253,11 +263,12 @@ class Worker:
         return self._like
 
     def __call__(self, job: Job) -> Result:
-        task = self.task(job.task_seed)
+        task = self.task(job.task_seed, job.train_fraction)
         config = self.config
-        if (job.horizon_exponent, job.backbone_warmup) != (config.horizon_exponent, config.backbone_warmup):
-            config = dataclasses.replace(config, horizon_exponent=job.horizon_exponent,
-                                         backbone_warmup=job.backbone_warmup)
+        fitted = {"horizon_exponent": job.horizon_exponent, "backbone_warmup": job.backbone_warmup,
+                  "size_exponent": job.size_exponent}
+        if any(getattr(config, key) != value for key, value in fitted.items()):
+            config = dataclasses.replace(config, **fitted)
         if job.linearized:
             return self._linearized(job, task, config)
         # the meta-parameters go where the model runs (`device`); estimators get their gradient back on the CPU

@@ -35,7 +35,8 @@ def trace(optimizer_dir: str | os.PathLike, task: Any, steps: int, every: int | 
     made: list[L3RS] = []
 
     def make(named: Any, total_steps: int) -> L3RS:
-        made.append(L3RS.from_pretrained(optimizer_dir, named, total_steps=total_steps))
+        made.append(L3RS.from_pretrained(optimizer_dir, named, total_steps=total_steps,
+                                         train_size=len(task.train[1])))
         return made[0]
 
     run = finetune(task, make, steps, seed, device=device, on_step=recorder)

@@ -265,6 +265,11 @@ def offset_heads(task: Task, seed: int) -> Task:
 FEWER_FRACTION, FEWER_SEED = 0.25, 4242
 
 
+# The size sweep's fixed half of the base task's training set (`l3rs.meta.sweeps.size_exponent_fit`): a seed of its
+# own and a size unlike ":fewer"'s, which stays out of meta-training
+SIZE_SWEEP_SEED = 4343
+
+
 def fewer(train: Pair) -> Pair:
     """The ":fewer" shift's training set: a fixed quarter of `train`."""
     return random_subset(train, FEWER_SEED, FEWER_FRACTION)
