@@ -127,6 +127,8 @@ class ScenarioResult:
     # defaults, or l3rs-untrained), and L3RS against it; None when it is the best tuned baseline
     lowest_baseline: str | None = None
     vs_lowest: VsBest | None = None
+    # the training examples the scenario fine-tunes on, which a meta-trained L3RS is told (older files: none)
+    train_size: int | None = None
 
 
 @dataclass

@@ -300,6 +300,9 @@ def test_cli_evaluate_end_to_end(tiny: str, opt_dir: str, tmp_path, capsys) -> N
     names = ["l3rs", *BASELINES]
     assert {"platform", "cpu_count", "torch"} <= set(result["machine"])
     assert [sc["steps"] for sc in result["scenarios"]] == [6, 12]
+    examples = len(tasks.get(tiny).train[1])  # what the meta-trained optimizer was told, said in the report
+    assert [sc["train_size"] for sc in result["scenarios"]] == [examples, examples]
+    assert f"x1 (6 steps, {examples} training examples)" in (out / "report.md").read_text()
     for sc in result["scenarios"]:
         assert list(sc["methods"]) == names
         for m in sc["methods"].values():

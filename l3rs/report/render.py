@@ -34,7 +34,8 @@ def blocks(result: EvaluationResult, plots: dict[str, str]) -> list[Block]:
         ("list", [verdict(scenario) for scenario in result.scenarios]),
     ]
     for i, scenario in enumerate(result.scenarios):
-        out += [("h2", f"{scenario.label} ({scenario.steps} steps)"), summary_table(scenario),
+        examples = f", {scenario.train_size} training examples" if scenario.train_size else ""
+        out += [("h2", f"{scenario.label} ({scenario.steps} steps{examples})"), summary_table(scenario),
                 ("img", plots[f"curves{i}"], f"curves: {scenario.label}")]
     out += [("h2", "Cost"),
             ("p", "Seconds on this machine, summed over all scenarios. L3RS pays meta-training once; every "
