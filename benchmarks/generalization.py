@@ -50,7 +50,7 @@ def _step_sizes(optimizer_dir: Path, task: Any, steps: int, seed: int = 1000) ->
     """λ per tensor (relative to λ0) at PROGRESS_POINTS evenly spaced fractions of a `steps`-step run."""
     model = task.model_fn(seed)
     opt = L3RS.from_pretrained(optimizer_dir, model.named_parameters(), total_steps=steps,
-                               train_size=len(task.train[1]))
+                               train_size=task.train_size)
     marks = {max(1, round(steps * (k + 1) / PROGRESS_POINTS)) for k in range(PROGRESS_POINTS)}
     rows = []
     for step, (x, y) in enumerate(task.batches(seed, steps), start=1):

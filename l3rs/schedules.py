@@ -19,8 +19,8 @@ LONG_MULTIPLE = 4.0
 FALLBACK_MULTIPLE = 2.0
 # The size sweep's training subset, as a fraction of the training set λ0 was swept on (`sweeps.size_exponent_fit`);
 # smaller sets step as it does: g(N) is flat below it. The best step fell 2-19x from the whole training set to half
-# of it, then 1-1.4x more to a quarter (four environments, docs/RESULTS.md session 43): the power law does not
-# extrapolate, and a step below the half's sweep would be a guess
+# of it; the steps tuned on a quarter sat 1-1.6x below the half's (four environments, docs/RESULTS.md session 43):
+# the power law does not extrapolate, and a step below the half's sweep would be a guess
 SMALL_SET_FRACTION = 0.5
 
 

@@ -114,7 +114,7 @@ def run_scenario(scenario: Scenario, steps: int, methods: list[Method], seeds: i
     lowest = lowest_baseline(methods, {name: c.val_loss[-1] for name, c in means.items()}, best)
     vs_lowest = None if lowest is None else compare(loss_curves["l3rs"], loss_curves[lowest], grid)
     return ScenarioResult(scenario.label, scenario.task.name, scenario.variant, scenario.multiple, steps, grid,
-                          best, out, fingerprint, lowest, vs_lowest, train_size=len(scenario.task.train[1]))
+                          best, out, fingerprint, lowest, vs_lowest, train_size=scenario.task.train_size)
 
 
 def lowest_baseline(methods: list[Method], finals: dict[str, float], best: str) -> str | None:

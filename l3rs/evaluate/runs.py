@@ -43,7 +43,7 @@ class WorkerSetup(NamedTuple):
 
 
 def _run(setup: WorkerSetup, request: RunRequest) -> RunResult:
-    make = make_optimizer(request.method, request.hp, setup.task.head, setup.config, len(setup.task.train[1]))
+    make = make_optimizer(request.method, request.hp, setup.task.head, setup.config, setup.task.train_size)
     return finetune(setup.task, make, setup.steps, request.seed, test=request.curves, device=setup.device,
                     eval_every=setup.eval_every if request.curves else None)
 

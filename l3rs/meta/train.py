@@ -41,10 +41,6 @@ def _family(task_or_family: Task | TaskFamily) -> TaskFamily:
     return task_or_family if isinstance(task_or_family, TaskFamily) else TaskFamily.of(task_or_family)
 
 
-def _train_size(family: TaskFamily) -> int:
-    return len(family.base.train[1])
-
-
 def _tensors(family: TaskFamily) -> tuple[list[str], list[tuple[int, ...]]]:
     named = [(n, tuple(p.shape)) for n, p in family.base.model_fn(0).named_parameters() if p.requires_grad]
     return [n for n, _ in named], [s for _, s in named]
@@ -70,7 +66,7 @@ def tune_lr0(family: Task | TaskFamily, config: MetaConfig, horizon: int | None 
     where the sweep's seeds agree (`sweeps.placed_lr0`; SPEC §5: the untrained optimizer is λ0-sensitive)."""
     family = _family(family)
     horizon = horizon or config.horizon or family.base.horizon
-    opt_config = optimizer_config(config, horizon, _train_size(family))
+    opt_config = optimizer_config(config, horizon, family.base.train_size)
     runner = Runner(Worker(family, opt_config, config.first_order, config.val_subset, config.device),
                     workers or config.workers)
     try:
@@ -243,7 +239,7 @@ def train(task_or_family: Task | TaskFamily, out_dir: str | os.PathLike,
     cfg = meta_config or MetaConfig()
     family, out = _family(task_or_family), Path(out_dir)
     horizon = cfg.horizon or family.base.horizon
-    opt_config = optimizer_config(cfg, horizon, _train_size(family))
+    opt_config = optimizer_config(cfg, horizon, family.base.train_size)
     runner = Runner(Worker(family, opt_config, cfg.first_order, cfg.val_subset, cfg.device), cfg.workers)
     try:
         state = broadcast(lambda: open_run(out, cfg, resume), runner.rank, runner.world)

@@ -126,7 +126,7 @@ def unroll(
         with torch.set_grad_enabled(graph is not None):
             updates, state, _ = functional.update(config, meta, grads, state, plist, lr=lr0,
                                                   loss=loss.detach(), total_steps=horizon, head=head,
-                                                  train_size=len(y_train))
+                                                  train_size=task.train_size)
             if cotangent is not None:
                 torch.autograd.backward(updates, cotangent)
             plist = functional.apply_updates(plist, updates)

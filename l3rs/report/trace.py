@@ -36,7 +36,7 @@ def trace(optimizer_dir: str | os.PathLike, task: Any, steps: int, every: int | 
 
     def make(named: Any, total_steps: int) -> L3RS:
         made.append(L3RS.from_pretrained(optimizer_dir, named, total_steps=total_steps,
-                                         train_size=len(task.train[1])))
+                                         train_size=task.train_size))
         return made[0]
 
     run = finetune(task, make, steps, seed, device=device, on_step=recorder)

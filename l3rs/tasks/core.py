@@ -97,6 +97,11 @@ class Task:
         if not self.head or not all(isinstance(h, str) for h in self.head):
             raise TaskError(f"task {self.name!r}: head must be a non-empty tuple of parameter names")
 
+    @property
+    def train_size(self) -> int:
+        """The number of training examples (what a meta-trained L3RS is told as `train_size`)."""
+        return len(self.train[1])
+
     # -- objective ---------------------------------------------------------------------------------
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Training/validation loss (a mean over the batch); cross-entropy unless loss_fn is set."""
